@@ -1,0 +1,110 @@
+"""The client side: rebuild the proxy, train it, reply with the visible update."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from .data import Split, load_client_data
+from .masking import derive_seed
+from .models import build_model
+from .proxy import LAYOUT_RECORD, PROXY_RECORD, UPDATE_RECORD, Proxy, decode_proxy, encode_update
+from .strategy import METRICS_RECORD, PARTITION_ID_KEY
+from .training import evaluate, train
+
+
+class NodeConfigError(ValueError):
+    """A SuperNode started without a usable ``partition-id``/``num-partitions``."""
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config, checked."""
+    node = context.node_config
+    for key in ("partition-id", "num-partitions"):
+        if key not in node:
+            raise NodeConfigError(
+                f"node config has no '{key}'; start the SuperNode with "
+                '--node-config "partition-id=<i> num-partitions=<n>"'
+            )
+    partition_id, num_partitions = int(node["partition-id"]), int(node["num-partitions"])
+    if not 0 <= partition_id < num_partitions:
+        raise NodeConfigError(
+            f"partition-id {partition_id} is out of range for num-partitions={num_partitions}"
+        )
+    return partition_id, num_partitions
+
+
+def client_data(config: Mapping[str, Any], context: Context) -> tuple[Split, Split]:
+    """This node's (local train, local evaluation) splits."""
+    partition_id, num_partitions = partition_of(context)
+    return load_client_data(
+        config["dataset"],
+        config["seed"],
+        config["test-fraction"],
+        config["pretrain-fraction"],
+        partition_id,
+        num_partitions,
+        config["partitioning"],
+        config["dirichlet-alpha"],
+    )
+
+
+def _received(message: Message) -> Proxy:
+    """The model a message carries: a FedQSN proxy, or FedAvg's plain arrays."""
+    content = message.content
+    if PROXY_RECORD in content.array_records:
+        return decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD])
+    state = content.array_records["arrays"].to_torch_state_dict()
+    return Proxy(state=state, unit_axes={}, visible={})
+
+
+def handle_query(message: Message, context: Context) -> Message:
+    """Tell the server this node's partition id (used for reproducible sampling)."""
+    partition_id, _ = partition_of(context)
+    return Message(
+        RecordDict({METRICS_RECORD: MetricRecord({PARTITION_ID_KEY: partition_id})}),
+        reply_to=message,
+    )
+
+
+def handle_train(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
+    """Train the received proxy on the local split; reply with its update."""
+    torch.set_num_threads(1)
+    train_split, _ = client_data(config, context)
+    proxy = _received(message)
+    settings = message.content["config"]
+    model = build_model(config["model"], config["dropout"])
+    model.load_state_dict(proxy.state)
+    frozen = {
+        name: mask for name in proxy.unit_axes if (mask := proxy.hidden_mask(name)) is not None
+    }
+    partition_id, _ = partition_of(context)
+    loss = train(
+        model,
+        train_split,
+        epochs=int(settings.get("local-epochs", config["local-epochs"])),
+        learning_rate=float(settings.get("learning-rate", config["learning-rate"])),
+        batch_size=int(settings.get("batch-size", config["batch-size"])),
+        seed=derive_seed(config["seed"], int(settings.get("server-round", 0)), partition_id),
+        frozen=frozen,
+    )
+    metrics = MetricRecord({"num-examples": len(train_split), "train-loss": loss})
+    if PROXY_RECORD in message.content.array_records:
+        arrays_key, arrays = UPDATE_RECORD, encode_update(model.state_dict(), proxy)
+    else:
+        arrays_key, arrays = "arrays", ArrayRecord(model.state_dict())
+    return Message(RecordDict({arrays_key: arrays, METRICS_RECORD: metrics}), reply_to=message)
+
+
+def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
+    """Evaluate the received proxy on the local evaluation split."""
+    torch.set_num_threads(1)
+    _, eval_split = client_data(config, context)
+    model = build_model(config["model"], config["dropout"])
+    model.load_state_dict(_received(message).state)
+    loss, accuracy = evaluate(model, eval_split)
+    metrics = MetricRecord({"num-examples": len(eval_split), "loss": loss, "accuracy": accuracy})
+    return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)

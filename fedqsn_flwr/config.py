@@ -1,0 +1,309 @@
+"""Run configuration: defaults, YAML presets, validation.
+
+Every key lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` with the same
+default as :data:`SPEC` (a test keeps the two equal). Values are resolved, from
+lowest to highest precedence, as
+
+1. the defaults;
+2. a YAML preset named by the ``config`` key (path relative to the project);
+3. keys given with ``flwr run . --run-config "k=v ..."`` -- that is, run-config
+   values that differ from the defaults;
+4. explicit overrides passed from Python (tests, the comparison tool).
+
+Every value is checked before any training; a bad one raises :class:`ConfigError`
+naming the key and what it allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import DATASETS, PARTITIONINGS
+from .models import MODELS
+from .quantization import MAX_BIT_WIDTH, MIN_BIT_WIDTH
+
+STRATEGIES = ("fedqsn", "fedavg")
+
+Config = dict[str, Any]
+
+
+class ConfigError(ValueError):
+    """A configuration value or preset that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: its default, its type, what it allows, what it means."""
+
+    default: Any
+    kind: type
+    allowed: str
+    check: Callable[[Any], bool]
+    help: str
+
+
+def _choice(options: tuple[str, ...] | list[str]) -> Callable[[Any], bool]:
+    return lambda v: v in options
+
+
+def _between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):  # noqa: ANN202
+    def check(v: float) -> bool:
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+
+    return check
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: v >= low
+
+
+SPEC: dict[str, Key] = {
+    "strategy": Key(
+        "fedqsn",
+        str,
+        f"one of {list(STRATEGIES)}",
+        _choice(STRATEGIES),
+        "federated strategy: FedQSN proxies or Flower's FedAvg baseline",
+    ),
+    "num-server-rounds": Key(10, int, "an integer >= 1", _at_least(1), "federated rounds"),
+    "fraction-train": Key(
+        1.0,
+        float,
+        "a number in (0, 1]",
+        _between(0, 1, low_open=True),
+        "share of connected nodes sampled for training each round",
+    ),
+    "fraction-evaluate": Key(
+        0.5,
+        float,
+        "a number in [0, 1]",
+        _between(0, 1),
+        "share of nodes sampled to evaluate their proxy on local data",
+    ),
+    "min-nodes": Key(
+        2,
+        int,
+        "an integer >= 1",
+        _at_least(1),
+        "nodes that must be connected (and sampled) before a round starts",
+    ),
+    "round-timeout": Key(
+        600.0,
+        float,
+        "a number > 0",
+        _between(0, float("inf"), low_open=True),
+        "seconds to wait for replies in a round",
+    ),
+    "local-epochs": Key(5, int, "an integer >= 1", _at_least(1), "client epochs per round"),
+    "learning-rate": Key(
+        0.05,
+        float,
+        "a number > 0",
+        _between(0, float("inf"), low_open=True),
+        "client SGD learning rate (momentum 0.9)",
+    ),
+    "batch-size": Key(32, int, "an integer >= 1", _at_least(1), "client batch size"),
+    "server-mask-ratio": Key(
+        0.1,
+        float,
+        "a number in [0, 1)",
+        _between(0, 1, high_open=True),
+        "p1: share of units the server hides for the whole run",
+    ),
+    "client-mask-ratio": Key(
+        0.1,
+        float,
+        "a number in [0, 1)",
+        _between(0, 1, high_open=True),
+        "p2: share of server-visible units hidden per client per round",
+    ),
+    "bit-width": Key(
+        4,
+        int,
+        f"an integer in {MIN_BIT_WIDTH}..{MAX_BIT_WIDTH}",
+        _between(MIN_BIT_WIDTH, MAX_BIT_WIDTH),
+        "NormalFloat bits per proxy value",
+    ),
+    "block-size": Key(64, int, "an integer >= 1", _at_least(1), "values per absmax block"),
+    "mask-input-layer": Key(
+        False,
+        bool,
+        "true or false",
+        _choice((True, False)),
+        "also mask the first layer's input features (raw pixels)",
+    ),
+    "dataset": Key(
+        "digits",
+        str,
+        f"one of {list(DATASETS)}",
+        _choice(DATASETS),
+        "dataset (digits ships with scikit-learn)",
+    ),
+    "partitioning": Key(
+        "iid",
+        str,
+        f"one of {list(PARTITIONINGS)}",
+        _choice(PARTITIONINGS),
+        "how the client pool is split across nodes",
+    ),
+    "dirichlet-alpha": Key(
+        0.5,
+        float,
+        "a number > 0",
+        _between(0, float("inf"), low_open=True),
+        "label concentration for dirichlet partitioning (smaller = more skew)",
+    ),
+    "model": Key(
+        "cnn", str, f"one of {sorted(MODELS)}", _choice(sorted(MODELS)), "model architecture"
+    ),
+    "dropout": Key(
+        0.2,
+        float,
+        "a number in [0, 1)",
+        _between(0, 1, high_open=True),
+        "dropout on the masked hidden features, in pretraining and local training",
+    ),
+    "pretrain-epochs": Key(
+        30,
+        int,
+        "an integer >= 0",
+        _at_least(0),
+        "server pretraining epochs on its private split (0 = from scratch)",
+    ),
+    "test-fraction": Key(
+        0.2,
+        float,
+        "a number in (0, 0.5]",
+        _between(0, 0.5, low_open=True),
+        "share of the data held by the server as its test set",
+    ),
+    "pretrain-fraction": Key(
+        0.1,
+        float,
+        "a number in [0, 0.5]",
+        _between(0, 0.5),
+        "share of the data private to the server for pretraining",
+    ),
+    "seed": Key(
+        42, int, "an integer >= 0", _at_least(0), "seed of masks, splits, sampling, training"
+    ),
+    "output-dir": Key(
+        "~/fedqsn-outputs",
+        str,
+        "a directory path",
+        lambda v: bool(v.strip()),
+        "where run folders are written (relative paths: under your home)",
+    ),
+    "run-name": Key(
+        "",
+        str,
+        "any text (empty = <time>-<strategy>-seed<seed>)",
+        lambda v: "/" not in v,
+        "name of this run's output folder",
+    ),
+    "config": Key(
+        "",
+        str,
+        "empty or a YAML file path relative to the project",
+        lambda v: True,
+        "YAML preset whose keys override the defaults",
+    ),
+}
+
+DEFAULTS: Config = {name: key.default for name, key in SPEC.items()}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    key = SPEC[name]
+    if key.kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif key.kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif key.kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{name}' = {value!r} is invalid; allowed: {key.allowed}")
+
+
+def validate(config: Mapping[str, Any]) -> Config:
+    """Check every key; return a copy with values coerced to their types."""
+    unknown = sorted(set(config) - set(SPEC))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {sorted(SPEC)}")
+    missing = sorted(set(SPEC) - set(config))
+    if missing:
+        raise ConfigError(f"missing config key(s) {missing}")
+    out: Config = {}
+    for name, value in config.items():
+        value = _coerce(name, value)
+        if not SPEC[name].check(value):
+            raise ConfigError(
+                f"config key '{name}' = {value!r} is invalid; allowed: {SPEC[name].allowed}"
+            )
+        out[name] = value
+    if out["test-fraction"] + out["pretrain-fraction"] >= 0.9:
+        raise ConfigError(
+            "config keys 'test-fraction' + 'pretrain-fraction' must leave at least 10% "
+            "of the data to the clients"
+        )
+    return out
+
+
+def load_preset(path: str, project_dir: Path) -> Config:
+    """Read a YAML preset (a mapping of config keys); ``path`` is relative to the project."""
+    file = Path(path).expanduser()
+    if not file.is_absolute():
+        file = project_dir / file
+    try:
+        text = file.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read YAML preset '{path}' (looked at {file}): {err}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"YAML preset '{path}' is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"YAML preset '{path}' must be a mapping of config keys")
+    if "config" in data:
+        raise ConfigError(f"YAML preset '{path}' must not name another preset ('config')")
+    unknown = sorted(set(data) - set(SPEC))
+    if unknown:
+        raise ConfigError(f"YAML preset '{path}' has unknown key(s) {unknown}")
+    return data
+
+
+def resolve(
+    run_config: Mapping[str, Any],
+    project_dir: Path,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge defaults, preset, run-config and overrides (see module docstring) and validate."""
+    overrides = dict(overrides or {})
+    unknown = sorted((set(run_config) | set(overrides)) - set(SPEC))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {sorted(SPEC)}")
+    explicit = {k: v for k, v in run_config.items() if v != DEFAULTS[k]}
+    preset_path = str(overrides.get("config", explicit.get("config", DEFAULTS["config"])))
+    preset = load_preset(preset_path, project_dir) if preset_path else {}
+    return validate({**DEFAULTS, **preset, **explicit, **overrides})
+
+
+def output_root(config: Mapping[str, Any]) -> Path:
+    """The absolute directory under which run folders are written."""
+    root = Path(str(config["output-dir"])).expanduser()
+    return root if root.is_absolute() else Path.home() / root

@@ -1,0 +1,119 @@
+"""Run outputs: ``<output-dir>/<run-name>/`` with config, metrics and final model."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .config import output_root
+from .strategy import MessageEntry
+
+METRIC_COLUMNS = (
+    "round",
+    "global_accuracy",
+    "global_loss",
+    "server_accuracy",
+    "proxy_accuracy",
+    "client_eval_accuracy",
+    "train_loss",
+    "bytes_down",
+    "bytes_up",
+    "num_sampled",
+    "num_aggregated",
+    "num_failures",
+    "elapsed_seconds",
+)
+
+
+def run_name(config: Mapping[str, Any]) -> str:
+    """The configured run name, or ``<UTC time>-<strategy>-seed<seed>``."""
+    if config["run-name"]:
+        return str(config["run-name"])
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{stamp}-{config['strategy']}-seed{config['seed']}"
+
+
+class RunRecorder:
+    """Writes one run's folder as the run goes, so no finished round is lost.
+
+    * ``config.yaml`` -- the resolved configuration;
+    * ``metrics.csv`` -- one row per round (round 0 is the starting model),
+      appended and flushed as soon as the round ends;
+    * ``messages.csv`` -- the serialized size of every message;
+    * ``final_model.pt`` -- the global model's state dict (full precision).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.directory = output_root(config) / run_name(config)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=True))
+        self.metrics_path = self.directory / "metrics.csv"
+        with self.metrics_path.open("w", newline="") as handle:
+            csv.writer(handle).writerow(METRIC_COLUMNS)
+        self.rows: list[dict[str, float]] = []
+        self._start = time.monotonic()
+
+    def add_round(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Append one round's row (missing values are written empty)."""
+        row = {col: values.get(col, math.nan) for col in METRIC_COLUMNS}
+        row["elapsed_seconds"] = round(time.monotonic() - self._start, 3)
+        self.rows.append(row)
+        with self.metrics_path.open("a", newline="") as handle:
+            csv.writer(handle).writerow(_cell(row[col]) for col in METRIC_COLUMNS)
+        return row
+
+    def write_messages(self, entries: Iterable[MessageEntry]) -> None:
+        """Write ``messages.csv`` (one line per message sent or received)."""
+        with (self.directory / "messages.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(MessageEntry)])
+            writer.writeheader()
+            writer.writerows(asdict(entry) for entry in entries)
+
+    def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
+        """Save the final global model's state dict."""
+        path = self.directory / "final_model.pt"
+        torch.save(dict(state), path)
+        return path
+
+    def summary_table(self) -> str:
+        """The per-round metrics as a fixed-width text table."""
+        columns = (
+            "round",
+            "global_accuracy",
+            "server_accuracy",
+            "proxy_accuracy",
+            "train_loss",
+            "bytes_down",
+            "bytes_up",
+            "num_failures",
+        )
+        header = " ".join(f"{c:>15}" for c in columns)
+        lines = [header, "-" * len(header)]
+        for row in self.rows:
+            lines.append(" ".join(f"{_cell(row[c]):>15}" for c in columns))
+        return "\n".join(lines)
+
+
+def _cell(value: float) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4f}"
+    return str(int(value))
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """Read a ``metrics.csv`` back as floats (empty cells become NaN)."""
+    with path.open() as handle:
+        return [
+            {k: float(v) if v != "" else math.nan for k, v in row.items()}
+            for row in csv.DictReader(handle)
+        ]

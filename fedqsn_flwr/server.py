@@ -1,0 +1,150 @@
+"""The server side of a run: starting model, strategy, evaluation, outputs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+from torch import nn
+
+from .data import ServerData, load_server_data
+from .masking import policy_for_model
+from .models import build_model
+from .results import RunRecorder
+from .strategy import FedQSN, MeasuredFedAvg, StateEvaluateFn
+from .training import evaluate_state, train
+
+
+def server_data(config: Mapping[str, Any]) -> ServerData:
+    """The server's test set, private pretraining set and client pool."""
+    return load_server_data(
+        config["dataset"], config["seed"], config["test-fraction"], config["pretrain-fraction"]
+    )
+
+
+def initial_model(config: Mapping[str, Any], data: ServerData) -> nn.Module:
+    """The server's starting model: seeded init, pretrained on its private split."""
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model"], config["dropout"])
+    if config["pretrain-epochs"] > 0 and len(data.pretrain) > 0:
+        loss = train(
+            model,
+            data.pretrain,
+            epochs=config["pretrain-epochs"],
+            learning_rate=config["learning-rate"],
+            batch_size=config["batch-size"],
+            seed=config["seed"],
+        )
+        log(
+            INFO,
+            "Pretrained the starting model on %d private examples (loss %.4f)",
+            len(data.pretrain),
+            loss,
+        )
+    return model
+
+
+def build_strategy(
+    config: Mapping[str, Any], model: nn.Module, proxy_evaluate_fn: StateEvaluateFn | None
+) -> MeasuredFedAvg:
+    """The strategy named by ``config['strategy']``."""
+    sampling: dict[str, Any] = {
+        "fraction_train": config["fraction-train"],
+        "fraction_evaluate": config["fraction-evaluate"],
+        "min_train_nodes": config["min-nodes"],
+        "min_evaluate_nodes": config["min-nodes"] if config["fraction-evaluate"] > 0 else 0,
+        "min_available_nodes": config["min-nodes"],
+    }
+    if config["strategy"] == "fedavg":
+        return MeasuredFedAvg(seed=config["seed"], proxy_evaluate_fn=proxy_evaluate_fn, **sampling)
+    return FedQSN(
+        policy=policy_for_model(model, mask_input_layer=config["mask-input-layer"]),
+        server_mask_ratio=config["server-mask-ratio"],
+        client_mask_ratio=config["client-mask-ratio"],
+        bit_width=config["bit-width"],
+        block_size=config["block-size"],
+        seed=config["seed"],
+        proxy_evaluate_fn=proxy_evaluate_fn,
+        **sampling,
+    )
+
+
+def train_config(config: Mapping[str, Any]) -> ConfigRecord:
+    """What every training message tells the client."""
+    return ConfigRecord(
+        {
+            "local-epochs": config["local-epochs"],
+            "learning-rate": config["learning-rate"],
+            "batch-size": config["batch-size"],
+        }
+    )
+
+
+def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
+    """Run one federation with a validated ``config``; return its recorder."""
+    random.seed(config["seed"])
+    data = server_data(config)
+    model = initial_model(config, data)
+    recorder = RunRecorder(config)
+    log(INFO, "Writing results to %s", recorder.directory)
+
+    def proxy_accuracy(state: Mapping[str, torch.Tensor]) -> float:
+        return evaluate_state(model, state, data.test)[1]
+
+    strategy = build_strategy(config, model, proxy_accuracy)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        global_loss, global_accuracy = evaluate_state(
+            model, arrays.to_torch_state_dict(), data.test
+        )
+        server_accuracy = global_accuracy
+        if isinstance(strategy, FedQSN):
+            server_accuracy = evaluate_state(model, strategy.server_model(arrays), data.test)[1]
+        row = recorder.add_round(
+            {
+                **strategy.round_log.get(server_round, {}),
+                "round": server_round,
+                "global_accuracy": global_accuracy,
+                "global_loss": global_loss,
+                "server_accuracy": server_accuracy,
+            }
+        )
+        log(
+            INFO,
+            "Round %d: global %.4f | server %.4f | proxy %.4f | down %.0f B | up %.0f B",
+            server_round,
+            row["global_accuracy"],
+            row["server_accuracy"],
+            row["proxy_accuracy"],
+            row["bytes_down"],
+            row["bytes_up"],
+        )
+        return MetricRecord(
+            {"global-accuracy": global_accuracy, "server-accuracy": server_accuracy}
+        )
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=config["num-server-rounds"],
+        timeout=config["round-timeout"],
+        train_config=train_config(config),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=evaluate,
+    )
+    final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+    recorder.save_model(final.to_torch_state_dict())
+    recorder.write_messages(strategy.message_log)
+    print(
+        f"\nfedqsn-flwr: {config['strategy']} finished {config['num-server-rounds']} rounds "
+        f"(seed {config['seed']})\n{recorder.summary_table()}\n"
+        f"Results written to {recorder.directory}",
+        flush=True,
+    )
+    return recorder

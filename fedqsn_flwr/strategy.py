@@ -1,0 +1,463 @@
+"""Flower strategies: FedQSN, and Flower's FedAvg with the same bookkeeping.
+
+Both sample nodes reproducibly (seeded, by partition id rather than by Flower's
+random node ids) and record the serialized size of every message they send and
+receive, so FedQSN and its baseline can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from .aggregation import ClientUpdate, apply_updates
+from .masking import (
+    MaskPolicy,
+    UnitMask,
+    apply_mask,
+    derive_seed,
+    draw_client_mask,
+    draw_server_mask,
+)
+from .proxy import (
+    LAYOUT_RECORD,
+    PROXY_RECORD,
+    UPDATE_RECORD,
+    InvalidUpdate,
+    ProxySpec,
+    decode_proxy,
+    decode_update,
+    encode_proxy,
+)
+
+#: Called with a model state the clients receive; returns its accuracy.
+StateEvaluateFn = Callable[[Mapping[str, torch.Tensor]], float]
+
+PARTITION_ID_KEY = "partition-id"
+METRICS_RECORD = "metrics"
+_TRAIN, _EVALUATE = 1, 2
+
+
+def message_bytes(message: Message) -> int:
+    """Size of ``message`` serialized as Flower's protobuf ``Message``."""
+    return message_to_proto(message).ByteSize()
+
+
+@dataclass(frozen=True)
+class MessageEntry:
+    """One message sent or received by the strategy."""
+
+    server_round: int
+    message_type: str
+    direction: str  # "down" (server -> client) or "up"
+    node_id: int
+    partition_id: int
+    num_bytes: int
+
+
+class MeasuredFedAvg(FedAvg):
+    """Flower's FedAvg with reproducible sampling and byte accounting.
+
+    Aggregation is Flower's own :class:`~flwr.serverapp.strategy.FedAvg`; only
+    sampling (seeded, ordered by partition id) and logging differ.
+
+    Parameters
+    ----------
+    seed : int (default: 0)
+        Seed of node sampling (and, in subclasses, of masks).
+    proxy_evaluate_fn : StateEvaluateFn, optional
+        Called in ``configure_train`` on the model each client receives, decoded
+        from the actual message; the mean goes into ``round_log[r]["proxy_accuracy"]``.
+    **fedavg_kwargs
+        Passed to :class:`~flwr.serverapp.strategy.FedAvg` (``fraction_train``,
+        ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
+        ``min_available_nodes``, ...).
+
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        proxy_evaluate_fn: StateEvaluateFn | None = None,
+        **fedavg_kwargs: object,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        self.seed = seed
+        self.proxy_evaluate_fn = proxy_evaluate_fn
+        self.partition_ids: dict[int, int] = {}
+        self.message_log: list[MessageEntry] = []
+        self.round_log: dict[int, dict[str, float]] = {}
+
+    # -- sampling ---------------------------------------------------------------
+
+    def _learn_partition_ids(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask nodes not seen before for their partition id (falls back to node id)."""
+        unknown = [n for n in node_ids if n not in self.partition_ids]
+        if not unknown:
+            return
+        queries = [
+            Message(
+                content=RecordDict({"config": ConfigRecord({"ask": PARTITION_ID_KEY})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node_id,
+            )
+            for node_id in unknown
+        ]
+        for reply in grid.send_and_receive(queries, timeout=60):
+            node_id = reply.metadata.src_node_id
+            partition = None
+            if not reply.has_error():
+                for record in reply.content.metric_records.values():
+                    partition = record.get(PARTITION_ID_KEY)
+            self.partition_ids[node_id] = int(partition) if partition is not None else node_id
+        for node_id in unknown:
+            self.partition_ids.setdefault(node_id, node_id)
+
+    def _sample(
+        self, grid: Grid, server_round: int, fraction: float, min_nodes: int, purpose: int
+    ) -> list[int]:
+        wanted = max(self.min_available_nodes, min_nodes)
+        while len(all_nodes := sorted(grid.get_node_ids())) < wanted:
+            log(INFO, "Waiting for nodes: %d connected (need %d)", len(all_nodes), wanted)
+            time.sleep(1)
+        self._learn_partition_ids(grid, all_nodes)
+        ordered = sorted(all_nodes, key=lambda n: (self.partition_ids[n], n))
+        size = min(len(ordered), max(int(len(ordered) * fraction), min_nodes))
+        rng = random.Random(derive_seed(self.seed, server_round, purpose))
+        chosen = sorted(rng.sample(ordered, size), key=ordered.index)
+        log(INFO, "Round %d: sampled %d of %d nodes", server_round, size, len(ordered))
+        return chosen
+
+    def _ordered(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies in partition order, so aggregation does not depend on arrival order."""
+        return sorted(
+            replies,
+            key=lambda m: (
+                self.partition_ids.get(m.metadata.src_node_id, 0),
+                m.metadata.src_node_id,
+            ),
+        )
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def _record(self, server_round: int, messages: list[Message], direction: str) -> None:
+        for message in messages:
+            node = (
+                message.metadata.dst_node_id
+                if direction == "down"
+                else message.metadata.src_node_id
+            )
+            self.message_log.append(
+                MessageEntry(
+                    server_round=server_round,
+                    message_type=message.metadata.message_type,
+                    direction=direction,
+                    node_id=node,
+                    partition_id=self.partition_ids.get(node, node),
+                    num_bytes=message_bytes(message) if message.has_content() else 0,
+                )
+            )
+
+    def _mean_bytes(self, server_round: int, message_type: str, direction: str) -> float:
+        sizes = [
+            e.num_bytes
+            for e in self.message_log
+            if e.server_round == server_round
+            and e.message_type == message_type
+            and e.direction == direction
+            and e.num_bytes > 0
+        ]
+        return sum(sizes) / len(sizes) if sizes else 0.0
+
+    def _log_round(self, server_round: int, **values: float) -> None:
+        self.round_log.setdefault(server_round, {}).update(values)
+
+    def _train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        if self.proxy_evaluate_fn is not None:
+            accuracy = self.proxy_evaluate_fn(arrays.to_torch_state_dict())
+            self._log_round(server_round, proxy_accuracy=accuracy)
+        return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
+
+    # -- Strategy API -----------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes reproducibly and send each its training message."""
+        if self.fraction_train == 0.0:
+            return []
+        node_ids = self._sample(
+            grid, server_round, self.fraction_train, self.min_train_nodes, _TRAIN
+        )
+        config = ConfigRecord({**dict(config), "server-round": server_round})
+        messages = self._train_messages(server_round, arrays, config, node_ids)
+        self._record(server_round, messages, "down")
+        self._log_round(
+            server_round,
+            num_sampled=len(messages),
+            bytes_down=self._mean_bytes(server_round, MessageType.TRAIN, "down"),
+        )
+        return messages
+
+    def _aggregate_valid(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate replies in partition order; record their sizes and failures."""
+        replies = self._ordered(replies)
+        self._record(server_round, replies, "up")
+        failed = [m for m in replies if m.has_error()]
+        for message in failed:
+            log(
+                WARNING,
+                "Round %d: node %d failed and is skipped: %s",
+                server_round,
+                message.metadata.src_node_id,
+                message.error.reason,
+            )
+        valid = [m for m in replies if not m.has_error()]
+        self._log_round(server_round, num_aggregated=float(len(valid)))
+        arrays, metrics = self._aggregate_valid(server_round, valid)
+        entry = self.round_log[server_round]
+        entry["bytes_up"] = self._mean_bytes(server_round, MessageType.TRAIN, "up")
+        entry["num_failures"] = entry.get("num_sampled", 0.0) - entry["num_aggregated"]
+        if metrics is not None and "train-loss" in metrics:
+            entry["train_loss"] = float(metrics["train-loss"])
+        return arrays, metrics
+
+    def _evaluate_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, node_ids, MessageType.EVALUATE))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes reproducibly for federated evaluation."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        node_ids = self._sample(
+            grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, _EVALUATE
+        )
+        config = ConfigRecord({**dict(config), "server-round": server_round})
+        messages = self._evaluate_messages(server_round, arrays, config, node_ids)
+        self._record(server_round, messages, "down")
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate client-side evaluation metrics in partition order."""
+        replies = self._ordered(replies)
+        self._record(server_round, replies, "up")
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None and "accuracy" in metrics:
+            self._log_round(server_round, client_eval_accuracy=float(metrics["accuracy"]))
+        return metrics
+
+
+class FedQSN(MeasuredFedAvg):
+    """FedQSN: every client trains a private, masked and quantized proxy.
+
+    The server keeps the full-precision global model. Each round it sends every
+    sampled client a *proxy*: the model with the units of the **server mask**
+    (ratio ``server_mask_ratio`` = the paper's p1, drawn once per run) and of a
+    fresh **client mask** (ratio ``client_mask_ratio`` = p2, drawn among the
+    server-visible units for each client and round) removed, visible units scaled
+    by ``num_units / num_visible``, and every value quantized to ``bit_width``-bit
+    NormalFloat codes in blocks of ``block_size``. Clients return the update of
+    the units they saw; each position of the global model moves by the weighted
+    mean of the updates of the clients that saw it.
+
+    Parameters
+    ----------
+    policy : MaskPolicy
+        Which tensors are masked (and along which axis) and quantized.
+    server_mask_ratio : float (default: 0.1)
+        p1, share of units hidden from every client for the whole run.
+    client_mask_ratio : float (default: 0.1)
+        p2, share of server-visible units hidden per client per round.
+    bit_width : int | None (default: 4)
+        Bits per quantized value (2..8); None sends float32 proxies.
+    block_size : int (default: 64)
+        Values per absmax quantization block.
+    seed : int (default: 0)
+        Seed of the server mask, client masks and sampling.
+    proxy_evaluate_fn : StateEvaluateFn, optional
+        Called on every proxy decoded from its message (what the client gets).
+    **fedavg_kwargs
+        Sampling settings passed to :class:`~flwr.serverapp.strategy.FedAvg`.
+
+    """
+
+    def __init__(
+        self,
+        policy: MaskPolicy,
+        server_mask_ratio: float = 0.1,
+        client_mask_ratio: float = 0.1,
+        bit_width: int | None = 4,
+        block_size: int = 64,
+        seed: int = 0,
+        proxy_evaluate_fn: StateEvaluateFn | None = None,
+        **fedavg_kwargs: object,
+    ) -> None:
+        super().__init__(seed=seed, proxy_evaluate_fn=proxy_evaluate_fn, **fedavg_kwargs)
+        for name, ratio in (
+            ("server_mask_ratio", server_mask_ratio),
+            ("client_mask_ratio", client_mask_ratio),
+        ):
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+        self.policy = policy
+        self.server_mask_ratio = server_mask_ratio
+        self.client_mask_ratio = client_mask_ratio
+        self.bit_width = bit_width
+        self.block_size = block_size
+        self.server_mask: UnitMask = draw_server_mask(policy, server_mask_ratio, seed)
+        self._global: dict[str, torch.Tensor] = {}
+        self._sent: dict[int, ProxySpec] = {}
+
+    def summary(self) -> None:
+        """Log the FedQSN settings and FedAvg's sampling settings."""
+        log(INFO, "\t├──> FedQSN:")
+        log(INFO, "\t│\t├── server mask ratio p1: %.3f", self.server_mask_ratio)
+        log(INFO, "\t│\t├── client mask ratio p2: %.3f", self.client_mask_ratio)
+        log(INFO, "\t│\t├── bit width: %s, block size: %d", self.bit_width, self.block_size)
+        log(INFO, "\t│\t└── masked tensors: %s", ", ".join(sorted(self.policy.unit_axes)))
+        super().summary()
+
+    def client_mask(self, server_round: int, partition_id: int, purpose: int = _TRAIN) -> UnitMask:
+        """The client mask of one client (by partition id) in one round."""
+        seed = derive_seed(self.seed, server_round, purpose, partition_id)
+        return draw_client_mask(self.server_mask, self.client_mask_ratio, seed)
+
+    def server_model(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The paper's *server model*: the global model under the server mask only."""
+        return apply_mask(arrays.to_torch_state_dict(), self.policy, self.server_mask)
+
+    def _proxy_messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        node_ids: list[int],
+        message_type: str,
+        purpose: int,
+    ) -> tuple[list[Message], dict[int, ProxySpec]]:
+        state = arrays.to_torch_state_dict()
+        messages, specs = [], {}
+        for node_id in node_ids:
+            visible = self.client_mask(server_round, self.partition_ids[node_id], purpose)
+            proxy, layout, spec = encode_proxy(
+                state, self.policy, visible, self.bit_width, self.block_size
+            )
+            content = RecordDict(
+                {PROXY_RECORD: proxy, LAYOUT_RECORD: layout, self.configrecord_key: config}
+            )
+            messages.append(
+                Message(content=content, message_type=message_type, dst_node_id=node_id)
+            )
+            specs[node_id] = spec
+        return messages, specs
+
+    def _train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        self._global = arrays.to_torch_state_dict()
+        messages, self._sent = self._proxy_messages(
+            server_round, arrays, config, node_ids, MessageType.TRAIN, _TRAIN
+        )
+        if self.proxy_evaluate_fn is not None and messages:
+            accuracies = [
+                self.proxy_evaluate_fn(
+                    decode_proxy(m.content[PROXY_RECORD], m.content[LAYOUT_RECORD]).state
+                )
+                for m in messages
+            ]
+            self._log_round(server_round, proxy_accuracy=sum(accuracies) / len(accuracies))
+        return messages
+
+    def _evaluate_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        messages, _ = self._proxy_messages(
+            server_round, arrays, config, node_ids, MessageType.EVALUATE, _EVALUATE
+        )
+        return messages
+
+    def _client_update(self, message: Message) -> ClientUpdate:
+        """Validate one reply and turn it into a :class:`ClientUpdate`."""
+        node_id = message.metadata.src_node_id
+        spec = self._sent.get(node_id)
+        if spec is None:
+            raise InvalidUpdate("no proxy was sent to this node in this round")
+        content = message.content
+        if UPDATE_RECORD not in content.array_records:
+            raise InvalidUpdate(f"reply has no '{UPDATE_RECORD}' ArrayRecord")
+        if METRICS_RECORD not in content.metric_records:
+            raise InvalidUpdate(f"reply has no '{METRICS_RECORD}' MetricRecord")
+        weight = content.metric_records[METRICS_RECORD].get(self.weighted_by_key)
+        if not isinstance(weight, int | float) or not weight > 0 or weight != weight:
+            raise InvalidUpdate(
+                f"'{self.weighted_by_key}' must be a positive number, got {weight!r}"
+            )
+        deltas = decode_update(content.array_records[UPDATE_RECORD], spec, self.policy)
+        return ClientUpdate(deltas=deltas, visible=spec.visible, weight=float(weight))
+
+    def _aggregate_valid(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates: list[ClientUpdate] = []
+        losses: list[tuple[float, float]] = []
+        for message in replies:
+            try:
+                update = self._client_update(message)
+            except InvalidUpdate as err:
+                log(
+                    WARNING,
+                    "Round %d: rejected reply from node %d: %s",
+                    server_round,
+                    message.metadata.src_node_id,
+                    err,
+                )
+                continue
+            updates.append(update)
+            loss = message.content[METRICS_RECORD].get("train-loss")
+            if isinstance(loss, int | float):
+                losses.append((float(loss), update.weight))
+        self._log_round(server_round, num_aggregated=float(len(updates)))
+        self._sent = {}
+        if not updates:
+            log(WARNING, "Round %d: no valid update; the global model is unchanged", server_round)
+            return None, None
+        state = apply_updates(self._global, updates, self.policy)
+        total = sum(w for _, w in losses)
+        metrics = MetricRecord(
+            {"train-loss": sum(loss * w for loss, w in losses) / total} if total else {}
+        )
+        return ArrayRecord(state), metrics

@@ -1,0 +1,73 @@
+"""Train and evaluate loops shared by clients, the server's pretraining and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .data import Split
+
+
+def train(
+    model: nn.Module,
+    data: Split,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    frozen: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """Train ``model`` in place with SGD (momentum 0.9); return the mean batch loss.
+
+    ``frozen`` maps parameter names to boolean masks of entries that must not
+    change (a proxy's hidden units: they stay exactly zero, so the client trains
+    the subnetwork it was given and nothing else).
+    """
+    if len(data) == 0 or epochs == 0:
+        return float("nan")
+    torch.manual_seed(seed)  # dropout
+    order_rng = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    frozen = {name: mask for name, mask in (frozen or {}).items() if name in params}
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    total, batches = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=order_rng)
+        for start in range(0, len(data), batch_size):
+            rows = order[start : start + batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(data.x[rows]), data.y[rows])
+            loss.backward()
+            for name, mask in frozen.items():
+                params[name].grad.masked_fill_(mask, 0.0)
+            optimizer.step()
+            total += loss.item()
+            batches += 1
+    return total / batches
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> tuple[float, float]:
+    """Return (mean cross-entropy loss, accuracy) of ``model`` on ``data``."""
+    if len(data) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        logits = model(x)
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+    return loss_sum / len(data), correct / len(data)
+
+
+def evaluate_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], data: Split
+) -> tuple[float, float]:
+    """Load ``state`` into ``model`` and evaluate it on ``data``."""
+    model.load_state_dict(dict(state))
+    return evaluate(model, data)

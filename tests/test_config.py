@@ -1,0 +1,104 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedqsn_flwr.config import DEFAULTS, SPEC, ConfigError, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_match_the_spec():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config == DEFAULTS
+
+
+def test_required_keys_exist():
+    required = {
+        "strategy",
+        "num-server-rounds",
+        "fraction-train",
+        "local-epochs",
+        "learning-rate",
+        "batch-size",
+        "server-mask-ratio",
+        "client-mask-ratio",
+        "bit-width",
+        "block-size",
+        "dataset",
+        "partitioning",
+        "dirichlet-alpha",
+        "model",
+        "seed",
+        "output-dir",
+    }
+    assert required <= set(SPEC)
+    assert DEFAULTS["strategy"] == "fedqsn"
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("server-mask-ratio", 1.0, "[0, 1)"),
+        ("server-mask-ratio", -0.1, "[0, 1)"),
+        ("client-mask-ratio", 1.5, "[0, 1)"),
+        ("bit-width", 1, "2..8"),
+        ("bit-width", 9, "2..8"),
+        ("block-size", 0, ">= 1"),
+        ("strategy", "fedfoo", "['fedqsn', 'fedavg']"),
+        ("dataset", "imagenet", "['digits']"),
+        ("model", "gpt", "['cnn', 'mlp']"),
+        ("partitioning", "shards", "['iid', 'dirichlet']"),
+        ("num-server-rounds", 0, ">= 1"),
+        ("dirichlet-alpha", 0.0, "> 0"),
+        ("bit-width", "four", "2..8"),
+    ],
+)
+def test_invalid_values_name_the_key_and_the_allowed_values(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        resolve({}, ROOT, {key: value})
+    assert f"'{key}'" in str(err.value) and allowed in str(err.value)
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        resolve({"bits": 4}, ROOT)
+
+
+def test_precedence_defaults_preset_run_config_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("bit-width: 3\nseed: 5\nmodel: mlp\n")
+    run_config = {**DEFAULTS, "config": str(preset), "seed": 9}
+    config = resolve(run_config, ROOT, {"model": "cnn"})
+    assert config["bit-width"] == 3  # from the preset
+    assert config["seed"] == 9  # --run-config beats the preset
+    assert config["model"] == "cnn"  # Python overrides beat everything
+    assert config["block-size"] == DEFAULTS["block-size"]
+
+
+def test_presets_in_configs_are_valid():
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        resolve({}, ROOT, {"config": f"configs/{preset.name}"})
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (None, "cannot read"),
+        ("a: [1, 2", "not valid YAML"),
+        ("- 1\n- 2\n", "mapping"),
+        ("bits: 4\n", "unknown key"),
+    ],
+)
+def test_bad_presets_get_a_clear_error(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        resolve({}, ROOT, {"config": str(path)})
+
+
+def test_integer_given_for_a_float_key_is_accepted():
+    assert resolve({}, ROOT, {"learning-rate": 1})["learning-rate"] == 1.0

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from fedqsn_flwr.masking import (
+    MaskPolicy,
+    apply_mask,
+    derive_seed,
+    draw_client_mask,
+    draw_server_mask,
+    num_hidden,
+    policy_for_model,
+)
+from fedqsn_flwr.models import build_model
+
+
+def _policy():
+    return policy_for_model(build_model("cnn"))
+
+
+def test_default_policy_masks_hidden_units_only():
+    policy = _policy()
+    # conv1 sees raw pixels; fc2's outputs are logits (its input units are hidden features)
+    assert dict(policy.unit_axes) == {"conv2.weight": 1, "fc1.weight": 1, "fc2.weight": 1}
+    assert dict(policy.unit_counts) == {"conv2.weight": 32, "fc1.weight": 256, "fc2.weight": 128}
+    assert "conv1.weight" in policy.quantized and "fc2.bias" in policy.quantized
+    with_input = policy_for_model(build_model("cnn"), mask_input_layer=True)
+    assert with_input.unit_axes["conv1.weight"] == 1
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.3, 0.5, 0.9])
+def test_server_mask_hides_the_requested_share(ratio):
+    policy = _policy()
+    mask = draw_server_mask(policy, ratio, seed=3)
+    for name, count in policy.unit_counts.items():
+        visible = mask[name]
+        assert visible.numel() == count - num_hidden(count, ratio)
+        assert abs((1 - visible.numel() / count) - ratio) <= 0.5 / count + 1e-9
+        assert torch.equal(visible, torch.sort(visible).values)
+        assert len(set(visible.tolist())) == visible.numel()
+
+
+def test_client_mask_is_inside_server_visible_set_and_fresh_per_client():
+    policy = _policy()
+    server = draw_server_mask(policy, 0.3, seed=1)
+    masks = [draw_client_mask(server, 0.3, derive_seed(1, 1, 1, client)) for client in range(5)]
+    for mask in masks:
+        for name, units in mask.items():
+            assert set(units.tolist()) <= set(server[name].tolist())
+            expected = server[name].numel() - num_hidden(server[name].numel(), 0.3)
+            assert units.numel() == expected
+    assert any(not torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
+def test_masks_are_deterministic_for_a_seed():
+    policy = _policy()
+    a, b, c = (draw_server_mask(policy, 0.2, seed=s) for s in (5, 5, 6))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    ca = draw_client_mask(a, 0.2, derive_seed(5, 2, 1, 3))
+    cb = draw_client_mask(b, 0.2, derive_seed(5, 2, 1, 3))
+    assert all(torch.equal(ca[n], cb[n]) for n in ca)
+
+
+def test_at_least_one_unit_stays_visible():
+    assert num_hidden(4, 0.99) == 3
+    assert num_hidden(1, 0.5) == 0
+
+
+def test_apply_mask_zeroes_hidden_units_and_rescales_visible_ones():
+    weight = torch.arange(24, dtype=torch.float32).view(2, 4, 3) + 1
+    policy = MaskPolicy(unit_axes={"w": 1}, unit_counts={"w": 4}, quantized=frozenset())
+    mask = {"w": torch.tensor([0, 2, 3])}
+    out = apply_mask({"w": weight, "b": torch.ones(2)}, policy, mask)["w"]
+    assert torch.all(out[:, 1] == 0)
+    assert torch.allclose(out[:, [0, 2, 3]], weight[:, [0, 2, 3]] * 4 / 3)

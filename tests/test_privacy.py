@@ -1,0 +1,114 @@
+"""Privacy invariant: no hidden weight is in any message a client receives."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fedqsn_flwr.masking import policy_for_model
+from fedqsn_flwr.models import build_model
+from fedqsn_flwr.proxy import LAYOUT_RECORD, PROXY_RECORD, decode_proxy
+from fedqsn_flwr.strategy import FedQSN, message_bytes
+from tests.helpers import LocalGrid
+
+MARK = 1.0e4  # hidden weights are planted far outside the visible range
+
+
+def _planted(strategy, state):
+    """Global model whose server-hidden units hold MARK + noise; returns hidden indices."""
+    hidden = {}
+    for name, axis in strategy.policy.unit_axes.items():
+        count = strategy.policy.unit_counts[name]
+        keep = set(strategy.server_mask[name].tolist())
+        idx = torch.tensor([u for u in range(count) if u not in keep], dtype=torch.long)
+        noise = torch.rand(state[name].index_select(axis, idx).shape)
+        state[name].index_copy_(axis, idx, MARK + noise)
+        hidden[name] = set(idx.tolist())
+    return hidden
+
+
+@pytest.mark.parametrize("bits", [4, None])
+def test_train_and_evaluate_messages_carry_no_hidden_unit(base_config, bits):
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    state = model.state_dict()
+    strategy = FedQSN(
+        policy_for_model(model),
+        server_mask_ratio=0.3,
+        client_mask_ratio=0.2,
+        bit_width=bits,
+        block_size=64,
+        seed=3,
+        fraction_evaluate=1.0,
+        min_train_nodes=4,
+        min_evaluate_nodes=4,
+        min_available_nodes=4,
+    )
+    hidden = _planted(strategy, state)
+    assert all(hidden.values())
+    full = ArrayRecord(state)
+    grid = LocalGrid(4, base_config)
+    messages = list(strategy.configure_train(1, full, ConfigRecord(), grid))
+    messages += list(strategy.configure_evaluate(1, full, ConfigRecord(), grid))
+    assert len(messages) == 8
+    full_bytes = sum(t.numel() * 4 for t in state.values())
+    global_arrays = [t.numpy() for t in state.values()]
+    global_arrays += [
+        t.index_select(strategy.policy.unit_axes[n], strategy.server_mask[n]).numpy()
+        for n, t in state.items()
+        if n in strategy.policy.unit_axes
+    ]
+
+    for message in messages:
+        assert "arrays" not in message.content.array_records  # never the plain global model
+        arrays = message.content[PROXY_RECORD]
+        for key in arrays.keys():
+            value = arrays[key].numpy()
+            if key.endswith("/units"):
+                name = key[: -len("/units")]
+                assert not set(value.tolist()) & hidden[name], f"{key} names a hidden unit"
+            elif value.dtype == np.float32:
+                # raw values or per-block scales: a hidden weight would push them to MARK
+                assert np.abs(value).max() < MARK / 10, f"{key} carries a hidden value"
+                if bits is None and key not in strategy.policy.unit_axes:
+                    continue  # unquantized, unmasked tensors (FedSN) are sent as they are
+                for g in global_arrays:
+                    assert not (g.shape == value.shape and np.array_equal(g, value)), key
+        # hidden units are absent, not zeros: the message is smaller than the masked slices
+        assert message_bytes(message) < full_bytes * (0.7 if bits is None else 0.2)
+        proxy = decode_proxy(arrays, message.content[LAYOUT_RECORD])
+        for name, tensor in proxy.state.items():
+            if bits is not None or name in hidden:
+                assert not torch.equal(tensor, state[name]), f"{name} equals the global tensor"
+            if name in hidden:
+                axis = strategy.policy.unit_axes[name]
+                idx = torch.tensor(sorted(hidden[name]))
+                assert torch.all(tensor.index_select(axis, idx) == 0)
+        assert max(float(t.abs().max()) for t in proxy.state.values()) < MARK / 10
+
+
+def test_hidden_units_of_the_global_model_never_move(base_config):
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    strategy = FedQSN(
+        policy_for_model(model),
+        0.3,
+        0.2,
+        4,
+        64,
+        seed=3,
+        fraction_evaluate=0.0,
+        min_train_nodes=3,
+        min_available_nodes=3,
+    )
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = strategy.start(LocalGrid(3, base_config), ArrayRecord(start), num_rounds=2)
+    final = result.arrays.to_torch_state_dict()
+    for name, axis in strategy.policy.unit_axes.items():
+        keep = set(strategy.server_mask[name].tolist())
+        idx = torch.tensor([u for u in range(strategy.policy.unit_counts[name]) if u not in keep])
+        assert torch.equal(final[name].index_select(axis, idx), start[name].index_select(axis, idx))
+        visible = strategy.server_mask[name]
+        assert not torch.equal(
+            final[name].index_select(axis, visible), start[name].index_select(axis, visible)
+        )

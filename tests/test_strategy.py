@@ -1,0 +1,104 @@
+"""FedQSN rounds with real messages and the real client handlers, in-process."""
+
+import logging
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+
+from fedqsn_flwr.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.masking import policy_for_model
+from fedqsn_flwr.models import build_model
+from fedqsn_flwr.proxy import UPDATE_RECORD, decode_update, encode_proxy
+from fedqsn_flwr.strategy import METRICS_RECORD, FedQSN
+from tests.helpers import LocalGrid
+
+
+def _strategy(num_nodes, seed=3):
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    strategy = FedQSN(
+        policy_for_model(model),
+        0.2,
+        0.2,
+        4,
+        64,
+        seed=seed,
+        fraction_evaluate=0.0,
+        min_train_nodes=num_nodes,
+        min_available_nodes=num_nodes,
+    )
+    return strategy, model.state_dict()
+
+
+def _nan_update(reply):
+    update = reply.content[UPDATE_RECORD]
+    arrays = {k: update[k] for k in update.keys()}
+    arrays["fc1.bias"] = Array(np.full(arrays["fc1.bias"].shape, np.nan, np.float32))
+    return Message(
+        RecordDict(
+            {UPDATE_RECORD: ArrayRecord(arrays), METRICS_RECORD: reply.content[METRICS_RECORD]}
+        ),
+        reply_to=_origin(reply),
+    )
+
+
+_ORIGINS = {}
+
+
+def _origin(reply):
+    return _ORIGINS[reply.metadata.src_node_id]
+
+
+def test_bad_and_failed_replies_are_skipped_and_the_rest_aggregated_exactly(base_config, caplog):
+    strategy, state = _strategy(4)
+    failing = lambda reply: Message(Error(code=0, reason="client crashed"), reply_to=_origin(reply))  # noqa: E731
+    grid = LocalGrid(4, base_config, tamper={1: _nan_update, 2: failing})
+    messages = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))
+    for message in messages:
+        _ORIGINS[message.metadata.dst_node_id] = message
+    replies = grid.send_and_receive(messages)
+
+    # expected: the per-position mean over the two valid replies (partitions 0 and 3)
+    expected_updates = []
+    for reply in replies:
+        partition = grid.partition(reply.metadata.src_node_id)
+        if partition in (1, 2):
+            continue
+        visible = strategy.client_mask(1, partition)
+        _, _, spec = encode_proxy(state, strategy.policy, visible, 4, 64)
+        deltas = decode_update(reply.content[UPDATE_RECORD], spec, strategy.policy)
+        weight = reply.content[METRICS_RECORD]["num-examples"]
+        expected_updates.append(ClientUpdate(deltas, visible, weight))
+    expected = apply_updates(state, expected_updates, strategy.policy)
+
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    got = arrays.to_torch_state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    node_of = {grid.partition(n): n for n in grid.contexts}
+    assert f"rejected reply from node {node_of[1]}: 'fc1.bias' holds NaN" in caplog.text
+    assert f"node {node_of[2]} failed and is skipped: client crashed" in caplog.text
+    assert strategy.round_log[1]["num_aggregated"] == 2
+    assert strategy.round_log[1]["num_failures"] == 2
+    assert "train-loss" in metrics
+
+
+def test_a_round_with_no_valid_reply_leaves_the_global_model_unchanged(base_config):
+    strategy, state = _strategy(2)
+    grid = LocalGrid(2, base_config)
+    messages = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))
+    errors = [Message(Error(code=0, reason="down"), reply_to=m) for m in messages]
+    assert strategy.aggregate_train(1, errors) == (None, None)
+    result = strategy.start(LocalGrid(2, base_config), ArrayRecord(state), num_rounds=1)
+    assert len(result.arrays) > 0
+
+
+def test_same_seed_gives_the_same_federation(base_config):
+    finals = []
+    for seed in (3, 3, 4):
+        strategy, state = _strategy(3, seed=seed)
+        result = strategy.start(LocalGrid(3, base_config), ArrayRecord(state), num_rounds=2)
+        finals.append(result.arrays.to_torch_state_dict())
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert any(not torch.equal(finals[0][k], finals[2][k]) for k in finals[0])
