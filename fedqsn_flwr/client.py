@@ -78,9 +78,6 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
     settings = message.content["config"]
     model = build_model(config["model"], config["dropout"])
     model.load_state_dict(proxy.state)
-    frozen = {
-        name: mask for name in proxy.unit_axes if (mask := proxy.hidden_mask(name)) is not None
-    }
     partition_id, _ = partition_of(context)
     loss = train(
         model,
@@ -89,7 +86,7 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
         learning_rate=float(settings.get("learning-rate", config["learning-rate"])),
         batch_size=int(settings.get("batch-size", config["batch-size"])),
         seed=derive_seed(config["seed"], int(settings.get("server-round", 0)), partition_id),
-        frozen=frozen,
+        frozen=proxy.hidden_masks(),
     )
     metrics = MetricRecord({"num-examples": len(train_split), "train-loss": loss})
     if PROXY_RECORD in message.content.array_records:

@@ -78,6 +78,16 @@ class Proxy:
     unit_axes: dict[str, int]
     visible: UnitMask
 
+    def hidden_masks(self) -> dict[str, torch.Tensor]:
+        """Boolean masks of the hidden entries of every masked tensor.
+
+        Pass them to the training loop as entries that must stay zero, so the
+        client trains exactly the subnetwork it was given.
+        """
+        return {
+            name: mask for name in self.unit_axes if (mask := self.hidden_mask(name)) is not None
+        }
+
     def hidden_mask(self, name: str) -> torch.Tensor | None:
         """Boolean tensor, True where ``name`` is hidden; None when unmasked."""
         if name not in self.unit_axes:

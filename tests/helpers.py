@@ -17,7 +17,8 @@ class LocalGrid:
 
     Node ids are deliberately unordered and unrelated to partition ids, as in
     Flower. Every message sent and every reply is kept for inspection. ``tamper``
-    may replace a node's reply (fault injection).
+    may replace a node's reply (fault injection); ``train_handler`` replaces the
+    project's ClientApp training (e.g. a user's own model).
     """
 
     def __init__(
@@ -25,7 +26,9 @@ class LocalGrid:
         num_nodes: int,
         config: Mapping[str, Any],
         tamper: Mapping[int, Tamper] | None = None,
+        train_handler: Callable[[Message, Context, Mapping[str, Any]], Message] = handle_train,
     ) -> None:
+        self.train_handler = train_handler
         self.config = dict(config)
         self.contexts = {
             9_000_000 - 7919 * partition: Context(
@@ -58,7 +61,7 @@ class LocalGrid:
             if kind == MessageType.QUERY:
                 reply = handle_query(message, context)
             elif kind == MessageType.TRAIN:
-                reply = handle_train(message, context, self.config)
+                reply = self.train_handler(message, context, self.config)
             else:
                 reply = handle_evaluate(message, context, self.config)
             partition = self.partition(message.metadata.dst_node_id)

@@ -102,3 +102,21 @@ def test_bad_presets_get_a_clear_error(tmp_path, text, match):
 
 def test_integer_given_for_a_float_key_is_accepted():
     assert resolve({}, ROOT, {"learning-rate": 1})["learning-rate"] == 1.0
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    for key in SPEC:
+        assert f"| `{key}` |" in readme, key
+
+
+def test_pyproject_components_are_the_root_apps():
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    import client_app
+    import server_app
+
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server_app:app", "clientapp": "client_app:app"}
+    assert isinstance(server_app.app, ServerApp) and isinstance(client_app.app, ClientApp)

@@ -5,13 +5,10 @@ import math
 
 import pytest
 import torch
-from flwr.simulation import run_simulation
 
-from client_app import make_client_app
 from fedqsn_flwr.results import METRIC_COLUMNS, read_metrics
-from server_app import make_server_app
+from fedqsn_flwr.simulation import simulate as run_federation
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 ACCURACY_COLUMNS = (
     "global_accuracy",
     "global_loss",
@@ -24,13 +21,7 @@ ACCURACY_COLUMNS = (
 
 def simulate(tmp_path, name, num_nodes=4, **overrides):
     config = {"output-dir": str(tmp_path), "run-name": name, "min-nodes": num_nodes, **overrides}
-    run_simulation(
-        make_server_app(config),
-        make_client_app(config),
-        num_supernodes=num_nodes,
-        backend_config=BACKEND,
-    )
-    return tmp_path / name
+    return run_federation(config, num_nodes=num_nodes)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,55 @@
+"""fedqsn-flwr: FedQSN (random masking + NormalFloat quantization) for Flower.
+
+Use the strategy in your own Flower app::
+
+    from fedqsn_flwr import FedQSN, policy_for_model
+
+    strategy = FedQSN(policy_for_model(model), server_mask_ratio=0.1,
+                      client_mask_ratio=0.1, bit_width=4, block_size=64, seed=0)
+
+and, in your ClientApp, :func:`decode_proxy` the received proxy, train it and
+reply with :func:`encode_update` (see ``fedqsn_flwr/client.py``).
+"""
+
+from .aggregation import ClientUpdate, apply_updates
+from .masking import MaskPolicy, apply_mask, draw_client_mask, draw_server_mask, policy_for_model
+from .proxy import (
+    LAYOUT_RECORD,
+    PROXY_RECORD,
+    UPDATE_RECORD,
+    InvalidUpdate,
+    Proxy,
+    decode_proxy,
+    decode_update,
+    encode_proxy,
+    encode_update,
+)
+from .quantization import dequantize, normal_float_codebook, pack_bits, quantize, unpack_bits
+from .strategy import METRICS_RECORD, FedQSN, MeasuredFedAvg
+
+__all__ = [
+    "LAYOUT_RECORD",
+    "METRICS_RECORD",
+    "PROXY_RECORD",
+    "UPDATE_RECORD",
+    "ClientUpdate",
+    "FedQSN",
+    "InvalidUpdate",
+    "MaskPolicy",
+    "MeasuredFedAvg",
+    "Proxy",
+    "apply_mask",
+    "apply_updates",
+    "decode_proxy",
+    "decode_update",
+    "dequantize",
+    "draw_client_mask",
+    "draw_server_mask",
+    "encode_proxy",
+    "encode_update",
+    "normal_float_codebook",
+    "pack_bits",
+    "policy_for_model",
+    "quantize",
+    "unpack_bits",
+]
