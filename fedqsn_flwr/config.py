@@ -44,156 +44,87 @@ class Key:
     kind: type
     allowed: str
     check: Callable[[Any], bool]
-    help: str
+    meaning: str
 
 
-def _choice(options: tuple[str, ...] | list[str]) -> Callable[[Any], bool]:
-    return lambda v: v in options
+def _choice(default: str, options: tuple[str, ...] | list[str], meaning: str) -> Key:
+    return Key(default, str, f"one of {list(options)}", lambda v: v in options, meaning)
 
 
-def _between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):  # noqa: ANN202
+def _integer(default: int, low: int, meaning: str) -> Key:
+    return Key(default, int, f"an integer >= {low}", lambda v: v >= low, meaning)
+
+
+def _positive(default: float, meaning: str) -> Key:
+    return Key(default, float, "a number > 0", lambda v: v > 0, meaning)
+
+
+def _fraction(
+    default: float, low: float, high: float, open_low: bool, open_high: bool, meaning: str
+) -> Key:  # noqa: A002
     def check(v: float) -> bool:
-        above = v > low if low_open else v >= low
-        below = v < high if high_open else v <= high
-        return above and below
+        return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
 
-    return check
-
-
-def _at_least(low: float) -> Callable[[Any], bool]:
-    return lambda v: v >= low
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return Key(default, float, f"a number in {interval}", check, meaning)
 
 
 SPEC: dict[str, Key] = {
-    "strategy": Key(
-        "fedqsn",
-        str,
-        f"one of {list(STRATEGIES)}",
-        _choice(STRATEGIES),
-        "federated strategy: FedQSN proxies or Flower's FedAvg baseline",
+    "strategy": _choice(
+        "fedqsn", STRATEGIES, "federated strategy: FedQSN proxies or Flower's FedAvg baseline"
     ),
-    "num-server-rounds": Key(10, int, "an integer >= 1", _at_least(1), "federated rounds"),
-    "fraction-train": Key(
-        1.0,
-        float,
-        "a number in (0, 1]",
-        _between(0, 1, low_open=True),
-        "share of connected nodes sampled for training each round",
+    "num-server-rounds": _integer(10, 1, "federated rounds"),
+    "fraction-train": _fraction(
+        1.0, 0, 1, True, False, "share of connected nodes sampled for training each round"
     ),
-    "fraction-evaluate": Key(
-        0.5,
-        float,
-        "a number in [0, 1]",
-        _between(0, 1),
-        "share of nodes sampled to evaluate their proxy on local data",
+    "fraction-evaluate": _fraction(
+        0.5, 0, 1, False, False, "share of nodes sampled to evaluate their proxy on local data"
     ),
-    "min-nodes": Key(
-        2,
-        int,
-        "an integer >= 1",
-        _at_least(1),
-        "nodes that must be connected (and sampled) before a round starts",
+    "min-nodes": _integer(2, 1, "nodes that must be connected (and sampled) before a round starts"),
+    "round-timeout": _positive(600.0, "seconds to wait for replies in a round"),
+    "local-epochs": _integer(5, 1, "client epochs per round"),
+    "learning-rate": _positive(0.05, "SGD learning rate (momentum 0.9), clients and pretraining"),
+    "batch-size": _integer(32, 1, "batch size, clients and pretraining"),
+    "server-mask-ratio": _fraction(
+        0.1, 0, 1, False, True, "p1: share of units the server hides for the whole run"
     ),
-    "round-timeout": Key(
-        600.0,
-        float,
-        "a number > 0",
-        _between(0, float("inf"), low_open=True),
-        "seconds to wait for replies in a round",
-    ),
-    "local-epochs": Key(5, int, "an integer >= 1", _at_least(1), "client epochs per round"),
-    "learning-rate": Key(
-        0.05,
-        float,
-        "a number > 0",
-        _between(0, float("inf"), low_open=True),
-        "client SGD learning rate (momentum 0.9)",
-    ),
-    "batch-size": Key(32, int, "an integer >= 1", _at_least(1), "client batch size"),
-    "server-mask-ratio": Key(
-        0.1,
-        float,
-        "a number in [0, 1)",
-        _between(0, 1, high_open=True),
-        "p1: share of units the server hides for the whole run",
-    ),
-    "client-mask-ratio": Key(
-        0.1,
-        float,
-        "a number in [0, 1)",
-        _between(0, 1, high_open=True),
-        "p2: share of server-visible units hidden per client per round",
+    "client-mask-ratio": _fraction(
+        0.1, 0, 1, False, True, "p2: share of server-visible units hidden per client per round"
     ),
     "bit-width": Key(
         4,
         int,
         f"an integer in {MIN_BIT_WIDTH}..{MAX_BIT_WIDTH}",
-        _between(MIN_BIT_WIDTH, MAX_BIT_WIDTH),
+        lambda v: MIN_BIT_WIDTH <= v <= MAX_BIT_WIDTH,
         "NormalFloat bits per proxy value",
     ),
-    "block-size": Key(64, int, "an integer >= 1", _at_least(1), "values per absmax block"),
+    "block-size": _integer(64, 1, "values per absmax block"),
     "mask-input-layer": Key(
         False,
         bool,
         "true or false",
-        _choice((True, False)),
+        lambda v: isinstance(v, bool),
         "also mask the first layer's input features (raw pixels)",
     ),
-    "dataset": Key(
-        "digits",
-        str,
-        f"one of {list(DATASETS)}",
-        _choice(DATASETS),
-        "dataset (digits ships with scikit-learn)",
+    "dataset": _choice("digits", DATASETS, "dataset (digits ships with scikit-learn)"),
+    "partitioning": _choice("iid", PARTITIONINGS, "how the client pool is split across nodes"),
+    "dirichlet-alpha": _positive(
+        0.5, "label concentration for dirichlet partitioning (smaller = more skew)"
     ),
-    "partitioning": Key(
-        "iid",
-        str,
-        f"one of {list(PARTITIONINGS)}",
-        _choice(PARTITIONINGS),
-        "how the client pool is split across nodes",
+    "model": _choice("cnn", sorted(MODELS), "model architecture"),
+    "dropout": _fraction(
+        0.2, 0, 1, False, True, "dropout on the masked hidden features (pretraining and clients)"
     ),
-    "dirichlet-alpha": Key(
-        0.5,
-        float,
-        "a number > 0",
-        _between(0, float("inf"), low_open=True),
-        "label concentration for dirichlet partitioning (smaller = more skew)",
+    "pretrain-epochs": _integer(
+        30, 0, "server pretraining epochs on its private split (0 = from scratch)"
     ),
-    "model": Key(
-        "cnn", str, f"one of {sorted(MODELS)}", _choice(sorted(MODELS)), "model architecture"
+    "test-fraction": _fraction(
+        0.2, 0, 0.5, True, False, "share of the data held by the server as its test set"
     ),
-    "dropout": Key(
-        0.2,
-        float,
-        "a number in [0, 1)",
-        _between(0, 1, high_open=True),
-        "dropout on the masked hidden features, in pretraining and local training",
+    "pretrain-fraction": _fraction(
+        0.1, 0, 0.5, False, False, "share of the data private to the server for pretraining"
     ),
-    "pretrain-epochs": Key(
-        30,
-        int,
-        "an integer >= 0",
-        _at_least(0),
-        "server pretraining epochs on its private split (0 = from scratch)",
-    ),
-    "test-fraction": Key(
-        0.2,
-        float,
-        "a number in (0, 0.5]",
-        _between(0, 0.5, low_open=True),
-        "share of the data held by the server as its test set",
-    ),
-    "pretrain-fraction": Key(
-        0.1,
-        float,
-        "a number in [0, 0.5]",
-        _between(0, 0.5),
-        "share of the data private to the server for pretraining",
-    ),
-    "seed": Key(
-        42, int, "an integer >= 0", _at_least(0), "seed of masks, splits, sampling, training"
-    ),
+    "seed": _integer(42, 0, "seed of masks, splits, sampling, training"),
     "output-dir": Key(
         "~/fedqsn-outputs",
         str,
@@ -204,7 +135,7 @@ SPEC: dict[str, Key] = {
     "run-name": Key(
         "",
         str,
-        "any text (empty = <time>-<strategy>-seed<seed>)",
+        "any text without '/' (empty = <time>-<strategy>-seed<seed>)",
         lambda v: "/" not in v,
         "name of this run's output folder",
     ),
