@@ -87,6 +87,7 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
         batch_size=int(settings.get("batch-size", config["batch-size"])),
         seed=derive_seed(config["seed"], int(settings.get("server-round", 0)), partition_id),
         frozen=proxy.hidden_masks(),
+        proximal_mu=float(settings.get("proximal-mu", 0.0)),
     )
     metrics = MetricRecord({"num-examples": len(train_split), "train-loss": loss})
     if PROXY_RECORD in message.content.array_records:

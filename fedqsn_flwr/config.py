@@ -27,7 +27,7 @@ from .data import DATASETS, PARTITIONINGS
 from .models import MODELS
 from .quantization import MAX_BIT_WIDTH, MIN_BIT_WIDTH
 
-STRATEGIES = ("fedqsn", "fedavg")
+STRATEGIES = ("fedqsn", "fedsn", "fedq", "fedavg", "fedprox")
 
 Config = dict[str, Any]
 
@@ -71,7 +71,7 @@ def _fraction(
 
 SPEC: dict[str, Key] = {
     "strategy": _choice(
-        "fedqsn", STRATEGIES, "federated strategy: FedQSN proxies or Flower's FedAvg baseline"
+        "fedqsn", STRATEGIES, "fedqsn, masks only (fedsn), quantization only (fedq), or baselines"
     ),
     "num-server-rounds": _integer(10, 1, "federated rounds"),
     "fraction-train": _fraction(
@@ -85,6 +85,13 @@ SPEC: dict[str, Key] = {
     "local-epochs": _integer(5, 1, "client epochs per round"),
     "learning-rate": _positive(0.05, "SGD learning rate (momentum 0.9), clients and pretraining"),
     "batch-size": _integer(32, 1, "batch size, clients and pretraining"),
+    "proximal-mu": Key(
+        0.01,
+        float,
+        "a number >= 0",
+        lambda v: v >= 0,
+        "weight of FedProx's proximal term in client training (strategy fedprox only)",
+    ),
     "server-mask-ratio": _fraction(
         0.1, 0, 1, False, True, "p1: share of units the server hides for the whole run"
     ),

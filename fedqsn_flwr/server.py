@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 from logging import INFO
 from typing import Any
 
@@ -53,7 +54,13 @@ def initial_model(config: Mapping[str, Any], data: ServerData) -> nn.Module:
 def build_strategy(
     config: Mapping[str, Any], model: nn.Module, proxy_evaluate_fn: StateEvaluateFn | None
 ) -> MeasuredFedAvg:
-    """The strategy named by ``config['strategy']``."""
+    """The strategy named by ``config['strategy']``.
+
+    ``fedqsn``: masks and quantization; ``fedsn``: masks, float32 proxies;
+    ``fedq``: the whole model quantized, no masks (FedLPP-style, without LoRA);
+    ``fedavg``: Flower's FedAvg; ``fedprox``: FedAvg on the server, FedProx's
+    proximal term (``proximal-mu``) in client training.
+    """
     sampling: dict[str, Any] = {
         "fraction_train": config["fraction-train"],
         "fraction_evaluate": config["fraction-evaluate"],
@@ -61,13 +68,17 @@ def build_strategy(
         "min_evaluate_nodes": config["min-nodes"] if config["fraction-evaluate"] > 0 else 0,
         "min_available_nodes": config["min-nodes"],
     }
-    if config["strategy"] == "fedavg":
+    if config["strategy"] in ("fedavg", "fedprox"):
         return MeasuredFedAvg(seed=config["seed"], proxy_evaluate_fn=proxy_evaluate_fn, **sampling)
+    policy = policy_for_model(model, mask_input_layer=config["mask-input-layer"])
+    masked = config["strategy"] in ("fedqsn", "fedsn")
+    if not masked:
+        policy = replace(policy, unit_axes={}, unit_counts={})
     return FedQSN(
-        policy=policy_for_model(model, mask_input_layer=config["mask-input-layer"]),
-        server_mask_ratio=config["server-mask-ratio"],
-        client_mask_ratio=config["client-mask-ratio"],
-        bit_width=config["bit-width"],
+        policy=policy,
+        server_mask_ratio=config["server-mask-ratio"] if masked else 0.0,
+        client_mask_ratio=config["client-mask-ratio"] if masked else 0.0,
+        bit_width=config["bit-width"] if config["strategy"] in ("fedqsn", "fedq") else None,
         block_size=config["block-size"],
         seed=config["seed"],
         proxy_evaluate_fn=proxy_evaluate_fn,
@@ -77,13 +88,16 @@ def build_strategy(
 
 def train_config(config: Mapping[str, Any]) -> ConfigRecord:
     """What every training message tells the client."""
-    return ConfigRecord(
+    record = ConfigRecord(
         {
             "local-epochs": config["local-epochs"],
             "learning-rate": config["learning-rate"],
             "batch-size": config["batch-size"],
         }
     )
+    if config["strategy"] == "fedprox":
+        record["proximal-mu"] = config["proximal-mu"]
+    return record
 
 
 def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
@@ -117,8 +131,12 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
         )
         log(
             INFO,
-            "Round %d: global %.4f | server %.4f | proxy %.4f | down %.0f B | up %.0f B",
+            "%s seed %d round %d/%d: global %.4f | server %.4f | proxy %.4f"
+            " | down %.0f B | up %.0f B",
+            config["strategy"],
+            config["seed"],
             server_round,
+            config["num-server-rounds"],
             row["global_accuracy"],
             row["server_accuracy"],
             row["proxy_accuracy"],

@@ -18,18 +18,21 @@ def train(
     batch_size: int,
     seed: int,
     frozen: Mapping[str, torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
 ) -> float:
     """Train ``model`` in place with SGD (momentum 0.9); return the mean batch loss.
 
     ``frozen`` maps parameter names to boolean masks of entries that must not
     change (a proxy's hidden units: they stay exactly zero, so the client trains
-    the subnetwork it was given and nothing else).
+    the subnetwork it was given and nothing else). ``proximal_mu`` > 0 adds
+    FedProx's term ``mu/2 * ||w - w_received||^2`` to the loss.
     """
     if len(data) == 0 or epochs == 0:
         return float("nan")
     torch.manual_seed(seed)  # dropout
     order_rng = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
+    anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu else {}
     frozen = {name: mask for name, mask in (frozen or {}).items() if name in params}
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
@@ -41,7 +44,11 @@ def train(
             rows = order[start : start + batch_size]
             optimizer.zero_grad()
             loss = loss_fn(model(data.x[rows]), data.y[rows])
-            loss.backward()
+            objective = loss
+            if anchor:
+                drift = sum((params[n] - a).pow(2).sum() for n, a in anchor.items())
+                objective = loss + proximal_mu / 2 * drift
+            objective.backward()
             for name, mask in frozen.items():
                 params[name].grad.masked_fill_(mask, 0.0)
             optimizer.step()

@@ -45,7 +45,7 @@ def test_required_keys_exist():
         ("bit-width", 1, "2..8"),
         ("bit-width", 9, "2..8"),
         ("block-size", 0, ">= 1"),
-        ("strategy", "fedfoo", "['fedqsn', 'fedavg']"),
+        ("strategy", "fedfoo", "['fedqsn', 'fedsn', 'fedq', 'fedavg', 'fedprox']"),
         ("dataset", "imagenet", "['digits']"),
         ("model", "gpt", "['cnn', 'mlp']"),
         ("partitioning", "shards", "['iid', 'dirichlet']"),

@@ -1,0 +1,298 @@
+r"""Compare strategies (and sweep FedQSN's knobs) on the same data, seeds and start model.
+
+    python -m fedqsn_flwr.compare --config configs/compare/strategies.yaml --out results/cmp
+    python -m fedqsn_flwr.compare --config configs/compare/ablation.yaml --out results/abl \\
+        num-server-rounds=5 --seeds 0
+
+A comparison preset is a YAML mapping:
+
+* ``strategies`` -- strategy names (required);
+* ``seeds`` -- list of seeds (default ``[0, 1, 2]``); every strategy runs on each;
+* ``nodes`` -- virtual SuperNodes per federation (default 10);
+* ``config`` -- run-config keys shared by every run;
+* ``sweep`` -- optional; ``{key: [values]}``, varied one key at a time with every
+  other key as in ``config``. A value may be a mapping of several keys (e.g.
+  ``{partitioning: dirichlet, dirichlet-alpha: 0.1}``).
+
+Extra ``key=value`` arguments override ``config`` for every run. Each run is a
+real Flower simulation writing its own folder under ``<out>/runs/``; the summary
+files are rewritten after every finished run, and a rerun with the same plan
+reuses finished runs, so an interrupted comparison loses only the run in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import STRATEGIES, ConfigError, resolve
+from .results import read_metrics
+
+SUMMARY_COLUMNS = (
+    "strategy",
+    "knob",
+    "value",
+    "seed",
+    "global_accuracy",
+    "server_accuracy",
+    "proxy_accuracy",
+    "start_accuracy",
+    "bytes_down_per_client",
+    "bytes_up_per_client",
+    "wall_seconds",
+    "rounds",
+    "run_dir",
+)
+NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:12]
+PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One federation of a comparison."""
+
+    strategy: str
+    seed: int
+    knob: str = ""
+    value: str = ""
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """Folder name under ``<out>/runs/``."""
+        variant = f"__{self.knob}={self.value}" if self.knob else ""
+        safe = variant.replace("/", "_").replace(" ", "").replace(",", "+")
+        return f"{self.strategy}{safe}__seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a comparison runs."""
+
+    runs: list[RunSpec]
+    nodes: int
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def load_plan(
+    path: Path,
+    overrides: Mapping[str, Any] | None = None,
+    seeds: Sequence[int] | None = None,
+    strategies: Sequence[str] | None = None,
+) -> Plan:
+    """Read a comparison preset and expand it into runs (every config is validated)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read comparison preset '{path}': {err}") from err
+    if not isinstance(data, dict) or "strategies" not in data:
+        raise ConfigError(f"comparison preset '{path}' must be a mapping with 'strategies'")
+    if unknown := sorted(set(data) - PLAN_KEYS):
+        raise ConfigError(f"comparison preset '{path}' has unknown key(s) {unknown}")
+    names = list(strategies or data["strategies"])
+    if bad := [s for s in names if s not in STRATEGIES]:
+        raise ConfigError(f"unknown strategy {bad}; allowed: {list(STRATEGIES)}")
+    base = {**(data.get("config") or {}), **(overrides or {})}
+    variants: list[tuple[str, str, dict[str, Any]]] = []
+    for knob, values in (data.get("sweep") or {}).items():
+        for value in values:
+            extra = dict(value) if isinstance(value, Mapping) else {knob: value}
+            variants.append((knob, _label(value), extra))
+    variants = variants or [("", "", {})]
+    runs = []
+    for strategy in names:
+        for knob, label, extra in variants:
+            for seed in seeds or data.get("seeds", [0, 1, 2]):
+                config = {**base, **extra, "strategy": strategy, "seed": int(seed)}
+                resolve({}, Path.cwd(), config)  # fail before the first run, not the tenth
+                runs.append(RunSpec(strategy, int(seed), knob, label, config))
+    return Plan(runs=runs, nodes=int(data.get("nodes", 10)))
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "final_model.pt").exists() and (run_dir / "compare.json").exists()
+
+
+def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """One summary row, read from the run's own files."""
+    rows = read_metrics(run_dir / "metrics.csv")
+    last, trained = rows[-1], rows[1:]
+    wall = json.loads((run_dir / "compare.json").read_text())["wall_seconds"]
+
+    def mean(column: str) -> float:
+        values = [r[column] for r in trained if not math.isnan(r[column])]
+        return sum(values) / len(values) if values else math.nan
+
+    return {
+        "strategy": spec.strategy,
+        "knob": spec.knob,
+        "value": spec.value,
+        "seed": spec.seed,
+        "global_accuracy": last["global_accuracy"],
+        "server_accuracy": last["server_accuracy"],
+        "proxy_accuracy": last["proxy_accuracy"],
+        "start_accuracy": rows[0]["global_accuracy"],
+        "bytes_down_per_client": mean("bytes_down"),
+        "bytes_up_per_client": mean("bytes_up"),
+        "wall_seconds": wall,
+        "rounds": int(last["round"]),
+        "run_dir": str(run_dir),
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_summary(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
+    """Write ``summary.csv`` (one row per run) and ``summary.md`` (mean ± std over seeds)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    writer.writerows([_cell(row[c]) for c in SUMMARY_COLUMNS] for row in rows)
+    _write_atomic(out / "summary.csv", buffer.getvalue())
+    _write_atomic(out / "summary.md", summary_markdown(rows))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    big = max(abs(v) for v in values) >= 1000
+    return (
+        f"{statistics.mean(values):,.0f} ± {std:,.0f}"
+        if big
+        else (f"{statistics.mean(values):.3f} ± {std:.3f}")
+    )
+
+
+def groups(
+    rows: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, str, str], list[Mapping[str, Any]]]:
+    """Rows grouped by (strategy, knob, value), in first-seen order."""
+    grouped: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((row["strategy"], row["knob"], row["value"]), []).append(row)
+    return grouped
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Mean ± std over seeds for every (strategy, knob, value)."""
+    header = ["strategy", "variant", "seeds", *NUMERIC_COLUMNS[:-1]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (strategy, knob, value), members in groups(rows).items():
+        variant = f"{knob}={value}" if knob and "=" not in value else value or "–"
+        cells = [strategy, variant, str(len(members))]
+        cells += [_mean_std([float(m[c]) for m in members]) for c in NUMERIC_COLUMNS[:-1]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_plan(plan: Plan, out: Path) -> list[dict[str, Any]]:
+    """Run (or reuse) every run of ``plan``; keep the summary current after each."""
+    from .simulation import simulate
+
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = out / "runs"
+    rows: list[dict[str, Any]] = []
+    total = len(plan.runs)
+    for index, spec in enumerate(plan.runs, start=1):
+        run_dir = runs_dir / spec.name
+        tag = f"[{index}/{total}] {spec.name}"
+        config = {**spec.overrides, "output-dir": str(runs_dir), "run-name": spec.name}
+        if _finished(run_dir) and _same_config(run_dir, config):
+            print(f"{tag}: finished earlier, reused", flush=True)
+        else:
+            print(f"{tag}: running", flush=True)
+            start = time.monotonic()
+            simulate(config, num_nodes=plan.nodes)
+            wall = time.monotonic() - start
+            (run_dir / "compare.json").write_text(json.dumps({"wall_seconds": round(wall, 2)}))
+        row = _row(spec, run_dir)
+        rows.append(row)
+        write_summary(rows, out)
+        print(
+            f"{tag}: global {row['global_accuracy']:.4f} | server {row['server_accuracy']:.4f}"
+            f" | proxy {row['proxy_accuracy']:.4f} | {row['wall_seconds']:.0f} s",
+            flush=True,
+        )
+    return rows
+
+
+def _same_config(run_dir: Path, config: Mapping[str, Any]) -> bool:
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return saved == resolve({}, Path.cwd(), config)
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fedqsn_flwr.compare", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--config", required=True, type=Path, help="comparison preset (YAML)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    parser.add_argument("--strategies", nargs="+", help="override the preset's strategies")
+    parser.add_argument("overrides", nargs="*", help="run-config key=value for every run")
+    args = parser.parse_args(argv)
+    try:
+        plan = load_plan(args.config, _parse_overrides(args.overrides), args.seeds, args.strategies)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(plan.runs)} runs, {plan.nodes} nodes each; writing to {args.out}", flush=True)
+    try:
+        rows = run_plan(plan, args.out)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished runs are kept; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    from .plots import write_plots
+
+    for path in write_plots(rows, args.out):
+        print(f"wrote {path}")
+    print((args.out / "summary.md").read_text())
+    print(f"summary: {args.out / 'summary.csv'}, {args.out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The comparison command: plan expansion, real runs of every strategy, summary files."""
+
+import csv
+import math
+
+import pytest
+import yaml
+
+from fedqsn_flwr.compare import SUMMARY_COLUMNS, load_plan, main
+from fedqsn_flwr.config import ConfigError
+from fedqsn_flwr.results import read_metrics
+
+
+def _preset(tmp_path, **content):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def test_sweep_expands_one_knob_at_a_time(tmp_path):
+    path = _preset(
+        tmp_path,
+        strategies=["fedqsn"],
+        seeds=[0, 1],
+        config={"num-server-rounds": 3},
+        sweep={
+            "bit-width": [2, 8],
+            "partitioning": [
+                {"partitioning": "iid"},
+                {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
+            ],
+        },
+    )
+    plan = load_plan(path, {"local-epochs": 2})
+    assert len(plan.runs) == 8
+    labels = {(r.knob, r.value) for r in plan.runs}
+    assert labels == {
+        ("bit-width", "2"),
+        ("bit-width", "8"),
+        ("partitioning", "partitioning=iid"),
+        ("partitioning", "partitioning=dirichlet,dirichlet-alpha=0.1"),
+    }
+    run = next(r for r in plan.runs if r.value.endswith("alpha=0.1"))
+    assert run.overrides["dirichlet-alpha"] == 0.1 and run.overrides["local-epochs"] == 2
+    assert run.overrides["num-server-rounds"] == 3 and "bit-width" not in run.overrides
+    assert len({r.name for r in plan.runs}) == 8
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"strategies": ["fedfoo"]}, "unknown strategy"),
+        ({"strategies": ["fedqsn"], "sweep": {"bit-width": [4, 9]}}, "bit-width"),
+        ({"strategies": ["fedqsn"], "runs": 3}, "unknown key"),
+        ({"seeds": [0]}, "strategies"),
+    ],
+)
+def test_bad_plans_fail_before_any_run(tmp_path, content, match):
+    with pytest.raises(ConfigError, match=match):
+        load_plan(_preset(tmp_path, **content))
+
+
+def test_shipped_comparison_presets_expand():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "compare"
+    assert len(load_plan(root / "strategies.yaml").runs) == 12
+    assert len(load_plan(root / "ablation.yaml").runs) == 18 * 3
+
+
+def test_compare_runs_every_strategy_and_summarises_the_runs(tmp_path, capsys):
+    preset = _preset(
+        tmp_path,
+        strategies=["fedavg", "fedprox", "fedq", "fedsn", "fedqsn"],
+        seeds=[3],
+        nodes=2,
+        config={
+            "num-server-rounds": 2,
+            "pretrain-epochs": 5,
+            "local-epochs": 1,
+            "fraction-evaluate": 0.0,
+        },
+    )
+    out = tmp_path / "out"
+    assert main(["--config", str(preset), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[5/5] fedqsn__seed3: global" in printed
+
+    with (out / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == SUMMARY_COLUMNS
+    assert [r["strategy"] for r in rows] == ["fedavg", "fedprox", "fedq", "fedsn", "fedqsn"]
+    for row in rows:
+        metrics = read_metrics(out / "runs" / f"{row['strategy']}__seed3" / "metrics.csv")
+        assert [int(m["round"]) for m in metrics] == [0, 1, 2]  # 2 rounds, end to end
+        assert float(row["global_accuracy"]) == pytest.approx(metrics[-1]["global_accuracy"])
+        assert float(row["proxy_accuracy"]) == pytest.approx(metrics[-1]["proxy_accuracy"])
+        mean_down = (metrics[1]["bytes_down"] + metrics[2]["bytes_down"]) / 2
+        assert float(row["bytes_down_per_client"]) == pytest.approx(mean_down)
+        assert float(row["wall_seconds"]) > 0
+    starts = {row["start_accuracy"] for row in rows}
+    assert len(starts) == 1  # same seed -> same pretrained start model for every strategy
+    by = {r["strategy"]: float(r["bytes_down_per_client"]) for r in rows}
+    assert by["fedqsn"] < by["fedq"] < by["fedsn"] < by["fedavg"]
+    assert not math.isnan(float(rows[-1]["server_accuracy"]))
+
+    markdown = (out / "summary.md").read_text()
+    assert markdown.count("\n| fed") == 5 and "±" in markdown
+    for name in ("accuracy_per_round", "bytes_per_round", "privacy_utility"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a rerun reuses the finished runs and reproduces the same summary
+    before = (out / "summary.csv").read_text()
+    assert main(["--config", str(preset), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("finished earlier, reused") == 5
+    assert (out / "summary.csv").read_text() == before

@@ -1,0 +1,81 @@
+"""The strategy family: fedavg, fedprox, fedq, fedsn, fedqsn built from the config."""
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedqsn_flwr.config import validate
+from fedqsn_flwr.models import build_model
+from fedqsn_flwr.proxy import PROXY_RECORD
+from fedqsn_flwr.server import build_strategy, train_config
+from fedqsn_flwr.strategy import FedQSN, MeasuredFedAvg
+from tests.helpers import LocalGrid
+
+
+def _run(base_config, **overrides):
+    config = validate({**base_config, "fraction-evaluate": 0.0, "min-nodes": 3, **overrides})
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    strategy = build_strategy(config, model, None)
+    result = strategy.start(
+        LocalGrid(3, config),
+        ArrayRecord(model.state_dict()),
+        num_rounds=2,
+        train_config=train_config(config),
+    )
+    return strategy, result.arrays.to_torch_state_dict()
+
+
+def test_fedavg_equals_fedsn_without_masks_within_float_tolerance(base_config):
+    """FedAvg averages weights; FedQSN adds the averaged update: equal up to rounding."""
+    _, fedavg = _run(base_config, strategy="fedavg")
+    _, fedsn = _run(
+        base_config, **{"strategy": "fedsn", "server-mask-ratio": 0.0, "client-mask-ratio": 0.0}
+    )
+    for name in fedavg:
+        assert torch.allclose(fedavg[name], fedsn[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_strategy_names_build_the_right_proxies(base_config):
+    config = validate({**base_config, "min-nodes": 2})
+    model = build_model("cnn")
+    grid = LocalGrid(2, config)
+    arrays = ArrayRecord(model.state_dict())
+    kinds = {}
+    for name in ("fedavg", "fedprox", "fedq", "fedsn", "fedqsn"):
+        strategy = build_strategy({**config, "strategy": name}, model, None)
+        message = next(
+            iter(
+                strategy.configure_train(
+                    1, arrays, train_config({**config, "strategy": name}), grid
+                )
+            )
+        )
+        keys = (
+            set(message.content[PROXY_RECORD].keys()) if PROXY_RECORD in message.content else set()
+        )
+        kinds[name] = (
+            type(strategy),
+            any(k.endswith("/codes") for k in keys),
+            any(k.endswith("/units") for k in keys),
+            "proximal-mu" in message.content["config"],
+        )
+    assert kinds["fedavg"] == (MeasuredFedAvg, False, False, False)
+    assert kinds["fedprox"] == (MeasuredFedAvg, False, False, True)
+    assert kinds["fedq"] == (FedQSN, True, False, False)
+    assert kinds["fedsn"] == (FedQSN, False, True, False)
+    assert kinds["fedqsn"] == (FedQSN, True, True, False)
+
+
+def test_fedprox_term_keeps_clients_closer_to_the_global_model(base_config):
+    _, fedavg = _run(base_config, strategy="fedavg", **{"local-epochs": 3})
+    _, fedprox = _run(base_config, strategy="fedprox", **{"local-epochs": 3, "proximal-mu": 5.0})
+    torch.manual_seed(0)
+    start = build_model("cnn").state_dict()
+    drift = lambda state: sum((state[n] - start[n]).pow(2).sum() for n in start)  # noqa: E731
+    assert drift(fedprox) < drift(fedavg)
+
+
+def test_fedq_quantizes_everything_and_masks_nothing(base_config):
+    strategy, _ = _run(base_config, strategy="fedq")
+    assert not strategy.policy.unit_axes and strategy.bit_width == 4
+    assert strategy.server_mask == {}
