@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from .data import Split, load_client_data
 from .masking import derive_seed
 from .models import build_model
-from .proxy import LAYOUT_RECORD, PROXY_RECORD, UPDATE_RECORD, Proxy, decode_proxy, encode_update
-from .strategy import METRICS_RECORD, PARTITION_ID_KEY
+from .proxy import PROXY_RECORD, UPDATE_RECORD, encode_update, received_model
+from .strategy import METRICS_RECORD, NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 from .training import evaluate, train
 
 
@@ -52,29 +52,18 @@ def client_data(config: Mapping[str, Any], context: Context) -> tuple[Split, Spl
     )
 
 
-def _received(message: Message) -> Proxy:
-    """The model a message carries: a FedQSN proxy, or FedAvg's plain arrays."""
-    content = message.content
-    if PROXY_RECORD in content.array_records:
-        return decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD])
-    state = content.array_records["arrays"].to_torch_state_dict()
-    return Proxy(state=state, unit_axes={}, visible={})
-
-
 def handle_query(message: Message, context: Context) -> Message:
     """Tell the server this node's partition id (used for reproducible sampling)."""
-    partition_id, _ = partition_of(context)
-    return Message(
-        RecordDict({METRICS_RECORD: MetricRecord({PARTITION_ID_KEY: partition_id})}),
-        reply_to=message,
-    )
+    partition_id, num_partitions = partition_of(context)
+    metrics = MetricRecord({PARTITION_ID_KEY: partition_id, NUM_PARTITIONS_KEY: num_partitions})
+    return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
 
 
 def handle_train(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Train the received proxy on the local split; reply with its update."""
     torch.set_num_threads(1)
     train_split, _ = client_data(config, context)
-    proxy = _received(message)
+    proxy = received_model(message.content)
     settings = message.content["config"]
     model = build_model(config["model"], config["dropout"])
     model.load_state_dict(proxy.state)
@@ -102,7 +91,7 @@ def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any
     torch.set_num_threads(1)
     _, eval_split = client_data(config, context)
     model = build_model(config["model"], config["dropout"])
-    model.load_state_dict(_received(message).state)
+    model.load_state_dict(received_model(message.content).state)
     loss, accuracy = evaluate(model, eval_split)
     metrics = MetricRecord({"num-examples": len(eval_split), "loss": loss, "accuracy": accuracy})
     return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)

@@ -49,13 +49,28 @@ SUMMARY_COLUMNS = (
     "server_accuracy",
     "proxy_accuracy",
     "start_accuracy",
+    "best_attack_accuracy",
+    "privacy_gap",
+    "finetune_attack_accuracy",
+    "collusion_attack_accuracy",
+    "public_fill_attack_accuracy",
+    "exposure",
+    "cosine_all",
+    "rel_l2_all",
     "bytes_down_per_client",
     "bytes_up_per_client",
     "wall_seconds",
     "rounds",
+    "best_attack",
     "run_dir",
 )
-NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:12]
+NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:19]
+#: Summary columns filled from ``attacks.json`` (NaN when attacks were skipped).
+ATTACK_COLUMNS = {
+    "finetune_attack_accuracy": ("finetune",),
+    "collusion_attack_accuracy": ("collusion_as_is", "collusion_finetune"),
+    "public_fill_attack_accuracy": ("public_fill_as_is", "public_fill_finetune"),
+}
 PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep"}
 
 
@@ -140,7 +155,7 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         values = [r[column] for r in trained if not math.isnan(r[column])]
         return sum(values) / len(values) if values else math.nan
 
-    return {
+    row: dict[str, Any] = {
         "strategy": spec.strategy,
         "knob": spec.knob,
         "value": spec.value,
@@ -149,12 +164,29 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         "server_accuracy": last["server_accuracy"],
         "proxy_accuracy": last["proxy_accuracy"],
         "start_accuracy": rows[0]["global_accuracy"],
+        "exposure": last["exposure"],
+        "cosine_all": mean("cosine_all"),
+        "rel_l2_all": mean("rel_l2_all"),
         "bytes_down_per_client": mean("bytes_down"),
         "bytes_up_per_client": mean("bytes_up"),
         "wall_seconds": wall,
         "rounds": int(last["round"]),
         "run_dir": str(run_dir),
+        "best_attack": "",
+        "best_attack_accuracy": math.nan,
+        "privacy_gap": math.nan,
+        **{column: math.nan for column in ATTACK_COLUMNS},
     }
+    attacks_file = run_dir / "attacks.json"
+    if attacks_file.exists():
+        report = json.loads(attacks_file.read_text())
+        accuracy = {a["attack"]: a["accuracy"] for a in report["attacks"]}
+        row["best_attack"] = report["best_attack"]
+        row["best_attack_accuracy"] = report["best_attack_accuracy"]
+        row["privacy_gap"] = report["privacy_gap"]
+        for column, names in ATTACK_COLUMNS.items():
+            row[column] = max(accuracy[n] for n in names)
+    return row
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -214,8 +246,12 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_plan(plan: Plan, out: Path) -> list[dict[str, Any]]:
-    """Run (or reuse) every run of ``plan``; keep the summary current after each."""
+def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]]:
+    """Run (or reuse) every run of ``plan``; keep the summary current after each.
+
+    With ``attacks``, every finished run is also attacked (:mod:`fedqsn_flwr.attack`).
+    """
+    from .attack import run_attacks
     from .simulation import simulate
 
     out.mkdir(parents=True, exist_ok=True)
@@ -234,12 +270,15 @@ def run_plan(plan: Plan, out: Path) -> list[dict[str, Any]]:
             simulate(config, num_nodes=plan.nodes)
             wall = time.monotonic() - start
             (run_dir / "compare.json").write_text(json.dumps({"wall_seconds": round(wall, 2)}))
+        if attacks and not (run_dir / "attacks.json").exists():
+            run_attacks(run_dir)
         row = _row(spec, run_dir)
         rows.append(row)
         write_summary(rows, out)
         print(
             f"{tag}: global {row['global_accuracy']:.4f} | server {row['server_accuracy']:.4f}"
-            f" | proxy {row['proxy_accuracy']:.4f} | {row['wall_seconds']:.0f} s",
+            f" | proxy {row['proxy_accuracy']:.4f} | best attack {row['best_attack_accuracy']:.4f}"
+            f" | {row['wall_seconds']:.0f} s",
             flush=True,
         )
     return rows
@@ -269,6 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     parser.add_argument("--strategies", nargs="+", help="override the preset's strategies")
+    parser.add_argument(
+        "--skip-attacks",
+        action="store_true",
+        help="do not attack the runs (no privacy-gap columns)",
+    )
     parser.add_argument("overrides", nargs="*", help="run-config key=value for every run")
     args = parser.parse_args(argv)
     try:
@@ -278,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"{len(plan.runs)} runs, {plan.nodes} nodes each; writing to {args.out}", flush=True)
     try:
-        rows = run_plan(plan, args.out)
+        rows = run_plan(plan, args.out, attacks=not args.skip_attacks)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: finished runs are kept; rerun the same command to resume",
@@ -287,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     from .plots import write_plots
 
-    for path in write_plots(rows, args.out):
+    attacked = all(not math.isnan(float(r["best_attack_accuracy"])) for r in rows)
+    for path in write_plots(rows, args.out, attacked):
         print(f"wrote {path}")
     print((args.out / "summary.md").read_text())
     print(f"summary: {args.out / 'summary.csv'}, {args.out / 'summary.md'}")

@@ -139,6 +139,13 @@ SPEC: dict[str, Key] = {
         lambda v: bool(v.strip()),
         "where run folders are written (relative paths: under your home)",
     ),
+    "save-messages": Key(
+        True,
+        bool,
+        "true or false",
+        lambda v: isinstance(v, bool),
+        "store every training message as received (input of the attacks)",
+    ),
     "run-name": Key(
         "",
         str,

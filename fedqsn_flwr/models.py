@@ -59,8 +59,14 @@ class DigitsMLP(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": DigitsCNN, "mlp": DigitsMLP}
 
 
-def build_model(name: str, dropout: float = 0.2) -> nn.Module:
-    """Instantiate the model registered as ``name``."""
+def build_model(name: str, dropout: float = 0.2, seed: int | None = None) -> nn.Module:
+    """Instantiate the model registered as ``name``.
+
+    With ``seed``, the initial weights are those anyone can reproduce from the
+    code and the seed: the *public initialisation* of a run.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; allowed: {sorted(MODELS)}")
+    if seed is not None:
+        torch.manual_seed(seed)
     return MODELS[name](dropout=dropout)

@@ -172,13 +172,12 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def write_plots(
-    rows: Sequence[Mapping[str, Any]],
-    out: Path,
-    attack_column: str = "proxy_accuracy",
-    attack_label: str = "accuracy of the proxy a client receives",
-) -> list[Path]:
-    """Write every plot for ``rows`` (summary rows) into ``out``; return the paths."""
+def write_plots(rows: Sequence[Mapping[str, Any]], out: Path, attacked: bool) -> list[Path]:
+    """Write every plot for ``rows`` (summary rows) into ``out``; return the paths.
+
+    The privacy-utility plot uses the best attack's accuracy when the runs were
+    ``attacked``, else the accuracy of the proxy a client receives.
+    """
     if not rows:
         return []
     curves = _per_round(rows)
@@ -189,7 +188,17 @@ def write_plots(
     ]
     _accuracy_per_round(curves, paths[0])
     _bytes_per_round(curves, paths[1])
-    _privacy_utility(rows, paths[2], attack_column, attack_label)
+    if attacked:
+        _privacy_utility(
+            rows,
+            paths[2],
+            "best_attack_accuracy",
+            "best attack's accuracy (what clients can obtain)",
+        )
+    else:
+        _privacy_utility(
+            rows, paths[2], "proxy_accuracy", "accuracy of the proxy a client receives"
+        )
     for knob in dict.fromkeys(r["knob"] for r in rows if r["knob"]):
         path = out / f"accuracy_vs_{knob}.png"
         _sweep(rows, knob, path)

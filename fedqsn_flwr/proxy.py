@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .masking import MaskPolicy, UnitMask, take_units, unit_scale
 from .quantization import dequantize, num_blocks, pack_bits, quantize, unpack_bits
@@ -215,6 +215,14 @@ def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:
         unit_axes[name] = axis
         visible[name] = units
     return Proxy(state=state, unit_axes=unit_axes, visible=visible)
+
+
+def received_model(content: RecordDict, arrays_key: str = "arrays") -> Proxy:
+    """The model a training message carries: a FedQSN proxy, or FedAvg's plain arrays."""
+    if PROXY_RECORD in content.array_records:
+        return decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD])
+    state = content.array_records[arrays_key].to_torch_state_dict()
+    return Proxy(state=state, unit_axes={}, visible={})
 
 
 def encode_update(trained: Mapping[str, torch.Tensor], proxy: Proxy) -> ArrayRecord:

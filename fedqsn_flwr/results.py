@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 import yaml
+from flwr.app import Message, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from .config import output_root
 from .strategy import MessageEntry
@@ -29,8 +32,14 @@ METRIC_COLUMNS = (
     "num_sampled",
     "num_aggregated",
     "num_failures",
+    "cosine_all",
+    "rel_l2_all",
+    "cosine_masked",
+    "rel_l2_masked",
+    "exposure",
     "elapsed_seconds",
 )
+MESSAGES_DIR = "received"
 
 
 def run_name(config: Mapping[str, Any]) -> str:
@@ -48,7 +57,11 @@ class RunRecorder:
     * ``metrics.csv`` -- one row per round (round 0 is the starting model),
       appended and flushed as soon as the round ends;
     * ``messages.csv`` -- the serialized size of every message;
-    * ``final_model.pt`` -- the global model's state dict (full precision).
+    * ``final_model.pt`` -- the global model's state dict (full precision);
+    * ``federation.yaml`` -- ``num-partitions`` and the partition ids that took part;
+    * ``received/round-RRR/<train|evaluate>-partition-PPP.pb`` -- with
+      ``save-messages``, the content of every message a client received, exactly
+      as sent (Flower's protobuf ``RecordDict``): the input of ``fedqsn_flwr.attack``.
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
@@ -69,6 +82,19 @@ class RunRecorder:
         with self.metrics_path.open("a", newline="") as handle:
             csv.writer(handle).writerow(_cell(row[col]) for col in METRIC_COLUMNS)
         return row
+
+    def save_received(self, server_round: int, partition_id: int, message: Message) -> None:
+        """Store what one client received (see :func:`load_received`)."""
+        folder = self.directory / MESSAGES_DIR / f"round-{server_round:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = recorddict_to_proto(message.content).SerializeToString()
+        kind = message.metadata.message_type
+        (folder / f"{kind}-partition-{partition_id:03d}.pb").write_bytes(data)
+
+    def write_federation(self, num_partitions: int, partition_ids: list[int]) -> None:
+        """Write ``federation.yaml``: how the client pool was partitioned."""
+        info = {"num-partitions": num_partitions, "partition-ids": partition_ids}
+        (self.directory / "federation.yaml").write_text(yaml.safe_dump(info))
 
     def write_messages(self, entries: Iterable[MessageEntry]) -> None:
         """Write ``messages.csv`` (one line per message sent or received)."""
@@ -108,6 +134,17 @@ def _cell(value: float) -> str:
     if isinstance(value, float) and not value.is_integer():
         return f"{value:.4f}"
     return str(int(value))
+
+
+def load_received(run_dir: Path) -> dict[tuple[int, str, int], RecordDict]:
+    """Every saved message of a run, by (round, message type, partition id)."""
+    received = {}
+    for file in sorted((run_dir / MESSAGES_DIR).glob("round-*/*-partition-*.pb")):
+        server_round = int(file.parent.name.split("-")[1])
+        kind, _, partition = file.stem.split("-")
+        proto = ProtoRecordDict.FromString(file.read_bytes())
+        received[(server_round, kind, int(partition))] = recorddict_from_proto(proto)
+    return received
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

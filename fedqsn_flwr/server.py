@@ -18,7 +18,7 @@ from .data import ServerData, load_server_data
 from .masking import policy_for_model
 from .models import build_model
 from .results import RunRecorder
-from .strategy import FedQSN, MeasuredFedAvg, StateEvaluateFn
+from .strategy import FedQSN, MeasuredFedAvg, MessageSink, StateEvaluateFn
 from .training import evaluate_state, train
 
 
@@ -31,8 +31,7 @@ def server_data(config: Mapping[str, Any]) -> ServerData:
 
 def initial_model(config: Mapping[str, Any], data: ServerData) -> nn.Module:
     """The server's starting model: seeded init, pretrained on its private split."""
-    torch.manual_seed(config["seed"])
-    model = build_model(config["model"], config["dropout"])
+    model = build_model(config["model"], config["dropout"], seed=config["seed"])
     if config["pretrain-epochs"] > 0 and len(data.pretrain) > 0:
         loss = train(
             model,
@@ -52,7 +51,10 @@ def initial_model(config: Mapping[str, Any], data: ServerData) -> nn.Module:
 
 
 def build_strategy(
-    config: Mapping[str, Any], model: nn.Module, proxy_evaluate_fn: StateEvaluateFn | None
+    config: Mapping[str, Any],
+    model: nn.Module,
+    proxy_evaluate_fn: StateEvaluateFn | None,
+    message_sink: MessageSink | None = None,
 ) -> MeasuredFedAvg:
     """The strategy named by ``config['strategy']``.
 
@@ -61,15 +63,17 @@ def build_strategy(
     ``fedavg``: Flower's FedAvg; ``fedprox``: FedAvg on the server, FedProx's
     proximal term (``proximal-mu``) in client training.
     """
-    sampling: dict[str, Any] = {
+    common: dict[str, Any] = {
         "fraction_train": config["fraction-train"],
         "fraction_evaluate": config["fraction-evaluate"],
         "min_train_nodes": config["min-nodes"],
         "min_evaluate_nodes": config["min-nodes"] if config["fraction-evaluate"] > 0 else 0,
         "min_available_nodes": config["min-nodes"],
+        "proxy_evaluate_fn": proxy_evaluate_fn,
+        "message_sink": message_sink,
     }
     if config["strategy"] in ("fedavg", "fedprox"):
-        return MeasuredFedAvg(seed=config["seed"], proxy_evaluate_fn=proxy_evaluate_fn, **sampling)
+        return MeasuredFedAvg(seed=config["seed"], **common)
     policy = policy_for_model(model, mask_input_layer=config["mask-input-layer"])
     masked = config["strategy"] in ("fedqsn", "fedsn")
     if not masked:
@@ -81,8 +85,7 @@ def build_strategy(
         bit_width=config["bit-width"] if config["strategy"] in ("fedqsn", "fedq") else None,
         block_size=config["block-size"],
         seed=config["seed"],
-        proxy_evaluate_fn=proxy_evaluate_fn,
-        **sampling,
+        **common,
     )
 
 
@@ -111,7 +114,8 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
     def proxy_accuracy(state: Mapping[str, torch.Tensor]) -> float:
         return evaluate_state(model, state, data.test)[1]
 
-    strategy = build_strategy(config, model, proxy_accuracy)
+    sink = recorder.save_received if config["save-messages"] else None
+    strategy = build_strategy(config, model, proxy_accuracy, sink)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         global_loss, global_accuracy = evaluate_state(
@@ -159,6 +163,7 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
     final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
     recorder.save_model(final.to_torch_state_dict())
     recorder.write_messages(strategy.message_log)
+    recorder.write_federation(strategy.num_partitions, sorted(set(strategy.partition_ids.values())))
     print(
         f"\nfedqsn-flwr: {config['strategy']} finished {config['num-server-rounds']} rounds "
         f"(seed {config['seed']})\n{recorder.summary_table()}\n"

@@ -36,6 +36,7 @@ from .masking import (
     draw_client_mask,
     draw_server_mask,
 )
+from .privacy import ExposureTracker, similarity, to_global_units
 from .proxy import (
     LAYOUT_RECORD,
     PROXY_RECORD,
@@ -49,8 +50,11 @@ from .proxy import (
 
 #: Called with a model state the clients receive; returns its accuracy.
 StateEvaluateFn = Callable[[Mapping[str, torch.Tensor]], float]
+#: Called with (server round, partition id, message) for every message to a client.
+MessageSink = Callable[[int, int, Message], None]
 
 PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
 METRICS_RECORD = "metrics"
 _TRAIN, _EVALUATE = 1, 2
 
@@ -85,6 +89,10 @@ class MeasuredFedAvg(FedAvg):
     proxy_evaluate_fn : StateEvaluateFn, optional
         Called in ``configure_train`` on the model each client receives, decoded
         from the actual message; the mean goes into ``round_log[r]["proxy_accuracy"]``.
+    message_sink : MessageSink, optional
+        Called with ``(server_round, partition_id, message)`` for every training
+        and evaluation message sent (e.g. to save what clients received, for the
+        attacks).
     **fedavg_kwargs
         Passed to :class:`~flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
@@ -96,12 +104,15 @@ class MeasuredFedAvg(FedAvg):
         self,
         seed: int = 0,
         proxy_evaluate_fn: StateEvaluateFn | None = None,
+        message_sink: MessageSink | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.seed = seed
         self.proxy_evaluate_fn = proxy_evaluate_fn
+        self.message_sink = message_sink
         self.partition_ids: dict[int, int] = {}
+        self.num_partitions = 0  # as reported by the nodes (0: unknown)
         self.message_log: list[MessageEntry] = []
         self.round_log: dict[int, dict[str, float]] = {}
 
@@ -126,6 +137,9 @@ class MeasuredFedAvg(FedAvg):
             if not reply.has_error():
                 for record in reply.content.metric_records.values():
                     partition = record.get(PARTITION_ID_KEY)
+                    self.num_partitions = max(
+                        self.num_partitions, int(record.get(NUM_PARTITIONS_KEY, 0))
+                    )
             self.partition_ids[node_id] = int(partition) if partition is not None else node_id
         for node_id in unknown:
             self.partition_ids.setdefault(node_id, node_id)
@@ -175,6 +189,13 @@ class MeasuredFedAvg(FedAvg):
                 )
             )
 
+    def _sink(self, server_round: int, messages: list[Message]) -> None:
+        if self.message_sink is None:
+            return
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            self.message_sink(server_round, self.partition_ids.get(node_id, node_id), message)
+
     def _mean_bytes(self, server_round: int, message_type: str, direction: str) -> float:
         sizes = [
             e.num_bytes
@@ -196,6 +217,8 @@ class MeasuredFedAvg(FedAvg):
         if self.proxy_evaluate_fn is not None:
             accuracy = self.proxy_evaluate_fn(arrays.to_torch_state_dict())
             self._log_round(server_round, proxy_accuracy=accuracy)
+        # every client gets the exact global model
+        self._log_round(server_round, cosine_all=1.0, rel_l2_all=0.0, exposure=1.0)
         return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
     # -- Strategy API -----------------------------------------------------------
@@ -212,6 +235,7 @@ class MeasuredFedAvg(FedAvg):
         config = ConfigRecord({**dict(config), "server-round": server_round})
         messages = self._train_messages(server_round, arrays, config, node_ids)
         self._record(server_round, messages, "down")
+        self._sink(server_round, messages)
         self._log_round(
             server_round,
             num_sampled=len(messages),
@@ -267,6 +291,7 @@ class MeasuredFedAvg(FedAvg):
         config = ConfigRecord({**dict(config), "server-round": server_round})
         messages = self._evaluate_messages(server_round, arrays, config, node_ids)
         self._record(server_round, messages, "down")
+        self._sink(server_round, messages)
         return messages
 
     def aggregate_evaluate(
@@ -310,6 +335,8 @@ class FedQSN(MeasuredFedAvg):
         Seed of the server mask, client masks and sampling.
     proxy_evaluate_fn : StateEvaluateFn, optional
         Called on every proxy decoded from its message (what the client gets).
+    message_sink : MessageSink, optional
+        Called with every training message sent (see :class:`MeasuredFedAvg`).
     **fedavg_kwargs
         Sampling settings passed to :class:`~flwr.serverapp.strategy.FedAvg`.
 
@@ -324,9 +351,15 @@ class FedQSN(MeasuredFedAvg):
         block_size: int = 64,
         seed: int = 0,
         proxy_evaluate_fn: StateEvaluateFn | None = None,
+        message_sink: MessageSink | None = None,
         **fedavg_kwargs: object,
     ) -> None:
-        super().__init__(seed=seed, proxy_evaluate_fn=proxy_evaluate_fn, **fedavg_kwargs)
+        super().__init__(
+            seed=seed,
+            proxy_evaluate_fn=proxy_evaluate_fn,
+            message_sink=message_sink,
+            **fedavg_kwargs,
+        )
         for name, ratio in (
             ("server_mask_ratio", server_mask_ratio),
             ("client_mask_ratio", client_mask_ratio),
@@ -341,6 +374,7 @@ class FedQSN(MeasuredFedAvg):
         self.server_mask: UnitMask = draw_server_mask(policy, server_mask_ratio, seed)
         self._global: dict[str, torch.Tensor] = {}
         self._sent: dict[int, ProxySpec] = {}
+        self._exposure: ExposureTracker | None = None
 
     def summary(self) -> None:
         """Log the FedQSN settings and FedAvg's sampling settings."""
@@ -392,15 +426,34 @@ class FedQSN(MeasuredFedAvg):
         messages, self._sent = self._proxy_messages(
             server_round, arrays, config, node_ids, MessageType.TRAIN, _TRAIN
         )
-        if self.proxy_evaluate_fn is not None and messages:
-            accuracies = [
-                self.proxy_evaluate_fn(
-                    decode_proxy(m.content[PROXY_RECORD], m.content[LAYOUT_RECORD]).state
-                )
-                for m in messages
-            ]
+        if not messages:
+            return messages
+        if self._exposure is None:
+            self._exposure = ExposureTracker(self._global, self.policy)
+        # Everything below looks at what the messages carry, decoded as a client would.
+        proxies = [
+            decode_proxy(m.content[PROXY_RECORD], m.content[LAYOUT_RECORD]) for m in messages
+        ]
+        masked = list(self.policy.unit_axes)
+        sims = [similarity(to_global_units(p), self._global, masked) for p in proxies]
+        for proxy in proxies:
+            self._exposure.add(proxy)
+        self._log_round(
+            server_round,
+            **{k: sum(s[k] for s in sims) / len(sims) for k in sims[0]},
+            exposure=self._exposure.exposure,
+        )
+        if self.proxy_evaluate_fn is not None:
+            accuracies = [self.proxy_evaluate_fn(p.state) for p in proxies]
             self._log_round(server_round, proxy_accuracy=sum(accuracies) / len(accuracies))
         return messages
+
+    @property
+    def exposure_bound(self) -> float:
+        """The most exposure the server mask allows (see :mod:`fedqsn_flwr.privacy`)."""
+        if self._exposure is None:
+            raise RuntimeError("no proxy has been sent yet")
+        return self._exposure.bound(self.server_mask_ratio)
 
     def _evaluate_messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
@@ -408,6 +461,12 @@ class FedQSN(MeasuredFedAvg):
         messages, _ = self._proxy_messages(
             server_round, arrays, config, node_ids, MessageType.EVALUATE, _EVALUATE
         )
+        if messages and self._exposure is not None:
+            # evaluation proxies carry other client masks: they count as exposed too
+            for message in messages:
+                content = message.content
+                self._exposure.add(decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD]))
+            self._log_round(server_round, exposure=self._exposure.exposure)
         return messages
 
     def _client_update(self, message: Message) -> ClientUpdate:

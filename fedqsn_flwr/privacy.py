@@ -1,0 +1,104 @@
+"""Model-privacy metrics: how close a proxy is to the global model, and exposure.
+
+* **Similarity.** A client's proxy, dequantized and mapped to global coordinates
+  (hidden units are 0, the unit scaling is undone), compared with the global
+  model: cosine similarity and relative L2 distance ``||proxy - W|| / ||W||``,
+  over all parameters and over the masked tensors only.
+* **Exposure.** The fraction of the global model's parameters that at least one
+  client has ever received (any precision). Hidden units of the server mask are
+  never sent, so exposure is at most ``1 - hidden / total``, where ``hidden``
+  counts the parameters of the server-hidden units (about ``p1`` times the masked
+  share of the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .masking import MaskPolicy, UnitMask, num_hidden
+from .proxy import Proxy
+
+
+def to_global_units(proxy: Proxy) -> dict[str, torch.Tensor]:
+    """The proxy in global coordinates: unit scaling undone, hidden units zero.
+
+    Everything needed is in the message (shapes and visible units), so a client
+    can do this as well as the server.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in proxy.state.items():
+        if name in proxy.unit_axes:
+            units = tensor.shape[proxy.unit_axes[name]]
+            tensor = tensor * (proxy.visible[name].numel() / units)
+        out[name] = tensor.to(torch.float32)
+    return out
+
+
+def _flat(state: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    if not names:
+        return torch.zeros(0)
+    return torch.cat([state[n].reshape(-1).to(torch.float64) for n in names])
+
+
+def similarity(
+    proxy: Mapping[str, torch.Tensor],
+    global_state: Mapping[str, torch.Tensor],
+    masked: list[str],
+) -> dict[str, float]:
+    """Cosine similarity and relative L2 distance, overall and on ``masked`` tensors."""
+    names = [n for n, t in global_state.items() if t.is_floating_point()]
+    out: dict[str, float] = {}
+    for suffix, subset in (("all", names), ("masked", [n for n in names if n in masked])):
+        a, b = _flat(proxy, subset), _flat(global_state, subset)
+        if a.numel() == 0:
+            out[f"cosine_{suffix}"] = float("nan")
+            out[f"rel_l2_{suffix}"] = float("nan")
+            continue
+        out[f"cosine_{suffix}"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        out[f"rel_l2_{suffix}"] = float((a - b).norm() / b.norm().clamp_min(1e-12))
+    return out
+
+
+class ExposureTracker:
+    """Which parameters of the global model any client has received so far."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], policy: MaskPolicy) -> None:
+        self.policy = policy
+        self.shapes = {n: t.shape for n, t in global_state.items() if t.is_floating_point()}
+        self.seen = {n: torch.zeros(shape, dtype=torch.bool) for n, shape in self.shapes.items()}
+        self.total = sum(int(torch.Size(s).numel()) for s in self.shapes.values())
+
+    def add(self, proxy: Proxy) -> None:
+        """Mark what one message carried (its visible units, read from the message)."""
+        for name in self.seen:
+            if name not in proxy.state:
+                continue
+            if name not in proxy.unit_axes:
+                self.seen[name][...] = True
+                continue
+            self.seen[name].index_fill_(proxy.unit_axes[name], proxy.visible[name], True)
+
+    @property
+    def exposure(self) -> float:
+        """Fraction of parameters received by at least one client."""
+        return sum(int(m.sum()) for m in self.seen.values()) / self.total
+
+    def bound(self, server_mask_ratio: float) -> float:
+        """The most exposure the server mask allows."""
+        hidden = 0
+        for name, count in self.policy.unit_counts.items():
+            per_unit = int(torch.Size(self.shapes[name]).numel()) // count
+            hidden += num_hidden(count, server_mask_ratio) * per_unit
+        return 1.0 - hidden / self.total
+
+
+def hidden_units(server_mask: UnitMask, policy: MaskPolicy) -> dict[str, torch.Tensor]:
+    """Indices of the server-hidden units of every masked tensor."""
+    out = {}
+    for name, count in policy.unit_counts.items():
+        keep = torch.zeros(count, dtype=torch.bool)
+        keep[server_mask[name]] = True
+        out[name] = torch.nonzero(~keep).flatten()
+    return out

@@ -1,0 +1,169 @@
+"""Privacy metrics and attacks: exposure bound, collusion, fine-tuning, determinism."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, MessageType
+
+from fedqsn_flwr.attack import collude, finetune, main, run_attacks
+from fedqsn_flwr.config import validate
+from fedqsn_flwr.data import load_client_data, load_server_data
+from fedqsn_flwr.masking import policy_for_model
+from fedqsn_flwr.models import build_model
+from fedqsn_flwr.privacy import hidden_units
+from fedqsn_flwr.proxy import received_model
+from fedqsn_flwr.server import build_strategy, train_config
+from fedqsn_flwr.simulation import simulate
+from fedqsn_flwr.strategy import FedQSN
+from fedqsn_flwr.training import evaluate
+from tests.helpers import LocalGrid
+
+MARK = 1.0e4
+
+
+def _federation(base_config, rounds=3, p1=0.3, p2=0.3, plant=True, strategy="fedqsn"):
+    config = validate(
+        {
+            **base_config,
+            "fraction-evaluate": 0.5,
+            "min-nodes": 3,
+            "server-mask-ratio": p1,
+            "client-mask-ratio": p2,
+            "strategy": strategy,
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    strat = build_strategy(config, model, None)
+    state = model.state_dict()
+    hidden = {}
+    if plant and isinstance(strat, FedQSN) and strat.policy.unit_axes:
+        hidden = hidden_units(strat.server_mask, strat.policy)
+        for name, idx in hidden.items():
+            axis = strat.policy.unit_axes[name]
+            state[name].index_fill_(axis, idx, MARK)
+    grid = LocalGrid(3, config)
+    result = strat.start(
+        grid, ArrayRecord(state), num_rounds=rounds, train_config=train_config(config)
+    )
+    return strat, grid, result, hidden
+
+
+def _received(grid):
+    """What the clients received, keyed (round, partition), from the messages."""
+    out = {}
+    for message in grid.sent:
+        kind = message.metadata.message_type
+        if kind in (MessageType.TRAIN, MessageType.EVALUATE):
+            server_round = int(message.content["config"]["server-round"])
+            partition = grid.partition(message.metadata.dst_node_id)
+            out[(server_round, kind, partition)] = received_model(message.content)
+    return out
+
+
+def test_collusion_of_every_message_recovers_nothing_of_the_hidden_units(base_config):
+    strategy, grid, result, hidden = _federation(base_config)
+    proxies = _received(grid)
+    kinds = [k for _, k, _ in proxies]
+    assert kinds.count(MessageType.TRAIN) == 9 and kinds.count(MessageType.EVALUATE) >= 3
+    public = {n: torch.full_like(t, 7.0) for n, t in result.arrays.to_torch_state_dict().items()}
+    for fill, expected in ((None, 0.0), (public, 7.0)):
+        model, seen = collude(proxies, fill)
+        assert max(float(t.abs().max()) for t in model.values()) < MARK / 10
+        for name, idx in hidden.items():
+            axis = strategy.policy.unit_axes[name]
+            assert not seen[name].index_select(axis, idx).any(), name
+            assert torch.all(model[name].index_select(axis, idx) == expected), name
+            visible = strategy.server_mask[name]
+            assert seen[name].index_select(axis, visible).all(), "all visible units got out"
+    # the server still holds the planted values: they never left it
+    final = result.arrays.to_torch_state_dict()
+    for name, idx in hidden.items():
+        assert torch.all(final[name].index_select(strategy.policy.unit_axes[name], idx) == MARK)
+
+
+def test_exposure_grows_but_never_exceeds_its_bound(base_config):
+    strategy, _, _, _ = _federation(base_config, rounds=4, p1=0.3, p2=0.5, plant=False)
+    bound = strategy.exposure_bound
+    assert 0.69 < bound < 0.71  # 1 - 0.3 * (share of parameters in masked tensors, 99%)
+    exposures = [strategy.round_log[r]["exposure"] for r in range(1, 5)]
+    assert all(e <= bound + 1e-12 for e in exposures)
+    assert exposures == sorted(exposures) and exposures[0] < exposures[-1]
+    assert exposures[-1] == pytest.approx(bound, abs=0.02)
+    for r in range(1, 5):
+        log = strategy.round_log[r]
+        assert 0 < log["cosine_all"] < 1 and 0 < log["rel_l2_all"] < 1
+    fedq, _, _, _ = _federation(base_config, rounds=1, strategy="fedq", plant=False)
+    assert fedq.round_log[1]["exposure"] == 1.0 == fedq.exposure_bound
+    assert fedq.round_log[1]["cosine_all"] > 0.99  # 4-bit codes, no masks
+
+
+def test_finetuning_attack_improves_on_the_proxy_as_is(base_config):
+    strategy, grid, _, _ = _federation(base_config, rounds=1, p1=0.5, p2=0.5, plant=False)
+    proxy = _received(grid)[(1, MessageType.TRAIN, 0)]
+    test = load_server_data("digits", base_config["seed"], 0.2, 0.1).test
+    own = load_client_data("digits", base_config["seed"], 0.2, 0.1, 0, 3, "iid", 0.5)[0]
+    model = build_model("cnn")
+    model.load_state_dict(proxy.state)
+    as_is = evaluate(model, test)[1]
+    tuned, rate, epoch = finetune(
+        model, proxy.state, own, test, epochs=3, learning_rates=[0.02], seed=1
+    )
+    assert tuned > as_is + 0.02 and epoch >= 1 and rate == 0.02
+
+
+def test_privacy_metrics_are_deterministic(base_config):
+    logs = [_federation(base_config, rounds=2, plant=False)[0].round_log for _ in range(2)]
+    assert logs[0] == logs[1]
+
+
+def test_attack_command_on_a_real_run_is_deterministic(tmp_path, capsys):
+    run = simulate(
+        {
+            "output-dir": str(tmp_path),
+            "run-name": "r",
+            "num-server-rounds": 2,
+            "min-nodes": 3,
+            "pretrain-epochs": 5,
+            "fraction-evaluate": 0.0,
+            "server-mask-ratio": 0.3,
+            "client-mask-ratio": 0.3,
+        },
+        num_nodes=3,
+    )
+    assert main(["--run", str(run), "--epochs", "2", "--max-clients", "2"]) == 0
+    first = json.loads((run / "attacks.json").read_text())
+    assert "best attack:" in capsys.readouterr().out
+    names = [a["attack"] for a in first["attacks"]]
+    assert names == [
+        "proxy_as_is",
+        "finetune",
+        "collusion_as_is",
+        "collusion_finetune",
+        "public_fill_as_is",
+        "public_fill_finetune",
+    ]
+    assert first["best_attack_accuracy"] == max(a["accuracy"] for a in first["attacks"])
+    assert first["privacy_gap"] == pytest.approx(
+        first["global_accuracy"] - first["best_attack_accuracy"]
+    )
+    second = run_attacks(run, epochs=2, max_clients=2)
+    assert second == first
+
+
+def test_attack_needs_saved_messages(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / "federation.yaml").write_text("num-partitions: 2\n")
+    assert main(["--run", str(tmp_path)]) == 2
+    assert "save-messages" in capsys.readouterr().err
+
+
+def test_policy_for_fedq_has_no_hidden_units():
+    policy = policy_for_model(build_model("cnn"))
+    assert (
+        hidden_units({n: torch.arange(c) for n, c in policy.unit_counts.items()}, policy)[
+            "fc1.weight"
+        ].numel()
+        == 0
+    )
