@@ -236,12 +236,12 @@ def groups(
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Mean ± std over seeds for every (strategy, knob, value)."""
-    header = ["strategy", "variant", "seeds", *NUMERIC_COLUMNS[:-1]]
+    header = ["strategy", "variant", "seeds", *NUMERIC_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (strategy, knob, value), members in groups(rows).items():
         variant = f"{knob}={value}" if knob and "=" not in value else value or "–"
         cells = [strategy, variant, str(len(members))]
-        cells += [_mean_std([float(m[c]) for m in members]) for c in NUMERIC_COLUMNS[:-1]]
+        cells += [_mean_std([float(m[c]) for m in members]) for c in NUMERIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

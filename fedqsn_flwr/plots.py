@@ -90,7 +90,7 @@ def _bytes_per_round(curves: Mapping[str, Mapping[str, list[float]]], path: Path
     for ax, title in zip(axes, ("downlink", "uplink"), strict=True):
         ax.set_title(f"{title}: KiB per client per round", fontsize=9)
         ax.set_xlabel("round")
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, loc="best")
     fig.tight_layout()

@@ -7,6 +7,7 @@ receive, so FedQSN and its baseline can be compared byte for byte.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -481,9 +482,9 @@ class FedQSN(MeasuredFedAvg):
         if METRICS_RECORD not in content.metric_records:
             raise InvalidUpdate(f"reply has no '{METRICS_RECORD}' MetricRecord")
         weight = content.metric_records[METRICS_RECORD].get(self.weighted_by_key)
-        if not isinstance(weight, int | float) or not weight > 0 or weight != weight:
+        if not isinstance(weight, int | float) or not 0 < weight < math.inf:
             raise InvalidUpdate(
-                f"'{self.weighted_by_key}' must be a positive number, got {weight!r}"
+                f"'{self.weighted_by_key}' must be a positive finite number, got {weight!r}"
             )
         deltas = decode_update(content.array_records[UPDATE_RECORD], spec, self.policy)
         return ClientUpdate(deltas=deltas, visible=spec.visible, weight=float(weight))
