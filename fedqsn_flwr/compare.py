@@ -57,6 +57,8 @@ SUMMARY_COLUMNS = (
     "exposure",
     "cosine_all",
     "rel_l2_all",
+    "cosine_masked",
+    "rel_l2_masked",
     "bytes_down_per_client",
     "bytes_up_per_client",
     "wall_seconds",
@@ -64,7 +66,7 @@ SUMMARY_COLUMNS = (
     "best_attack",
     "run_dir",
 )
-NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:19]
+NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:21]
 #: Summary columns filled from ``attacks.json`` (NaN when attacks were skipped).
 ATTACK_COLUMNS = {
     "finetune_attack_accuracy": ("finetune",),
@@ -167,6 +169,8 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         "exposure": last["exposure"],
         "cosine_all": mean("cosine_all"),
         "rel_l2_all": mean("rel_l2_all"),
+        "cosine_masked": mean("cosine_masked"),
+        "rel_l2_masked": mean("rel_l2_masked"),
         "bytes_down_per_client": mean("bytes_down"),
         "bytes_up_per_client": mean("bytes_up"),
         "wall_seconds": wall,
@@ -207,7 +211,7 @@ def write_summary(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return "" if math.isnan(value) else f"{value:.10g}"
     return str(value)
 
 

@@ -66,6 +66,7 @@ def test_shipped_comparison_presets_expand():
     root = Path(__file__).resolve().parents[1] / "configs" / "compare"
     assert len(load_plan(root / "strategies.yaml").runs) == 12
     assert len(load_plan(root / "ablation.yaml").runs) == 18 * 3
+    assert len(load_plan(root / "scarce-data.yaml").runs) == 6
 
 
 def test_compare_runs_every_strategy_and_summarises_the_runs(tmp_path, capsys):
