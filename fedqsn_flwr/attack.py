@@ -270,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--max-clients",
         type=int,
-        default=None,
-        help="fine-tune the proxies of at most this many clients",
+        default=DEFAULT_MAX_CLIENTS,
+        help="fine-tune the proxies of this many clients (lowest partition ids)",
     )
     args = parser.parse_args(argv)
     try:

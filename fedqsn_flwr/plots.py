@@ -137,8 +137,11 @@ def _sweep(rows: Sequence[Mapping[str, Any]], knob: str, path: Path) -> None:
     numeric = all(_is_number(v) for v in values)
     positions = [float(v) for v in values] if numeric else list(range(len(values)))
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    columns = list(ACCURACIES)
+    if all(not math.isnan(float(r["best_attack_accuracy"])) for r in members):
+        columns.append(("best_attack_accuracy", "best attack"))
     for strategy in dict.fromkeys(r["strategy"] for r in members):
-        for column, label in ACCURACIES:
+        for column, label in columns:
             means, stds = [], []
             for value in values:
                 got = [
