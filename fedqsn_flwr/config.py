@@ -82,6 +82,16 @@ SPEC: dict[str, Key] = {
     ),
     "min-nodes": _integer(2, 1, "nodes that must be connected (and sampled) before a round starts"),
     "round-timeout": _positive(600.0, "seconds to wait for replies in a round"),
+    "max-num-examples": _integer(
+        100_000, 1, "replies claiming more training examples are rejected (fedq/fedsn/fedqsn)"
+    ),
+    "max-update-norm-ratio": Key(
+        0.0,
+        float,
+        "a number >= 0 (0 = no bound)",
+        lambda v: v >= 0,
+        "reject updates whose norm exceeds this times the round's median (fedq/fedsn/fedqsn)",
+    ),
     "local-epochs": _integer(5, 1, "client epochs per round"),
     "learning-rate": _positive(0.05, "SGD learning rate (momentum 0.9), clients and pretraining"),
     "batch-size": _integer(32, 1, "batch size, clients and pretraining"),

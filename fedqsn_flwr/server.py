@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import replace
@@ -85,6 +86,8 @@ def build_strategy(
         bit_width=config["bit-width"] if config["strategy"] in ("fedqsn", "fedq") else None,
         block_size=config["block-size"],
         seed=config["seed"],
+        max_num_examples=config["max-num-examples"],
+        max_update_norm_ratio=config["max-update-norm-ratio"] or math.inf,
         **common,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -338,6 +339,11 @@ class FedQSN(MeasuredFedAvg):
         Called on every proxy decoded from its message (what the client gets).
     message_sink : MessageSink, optional
         Called with every training message sent (see :class:`MeasuredFedAvg`).
+    max_num_examples : float (default: inf)
+        Replies claiming more training examples than this are rejected.
+    max_update_norm_ratio : float (default: inf)
+        With at least 3 valid replies, an update whose L2 norm exceeds this many
+        times the round's median update norm is rejected.
     **fedavg_kwargs
         Sampling settings passed to :class:`~flwr.serverapp.strategy.FedAvg`.
 
@@ -353,6 +359,8 @@ class FedQSN(MeasuredFedAvg):
         seed: int = 0,
         proxy_evaluate_fn: StateEvaluateFn | None = None,
         message_sink: MessageSink | None = None,
+        max_num_examples: float = math.inf,
+        max_update_norm_ratio: float = math.inf,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(
@@ -368,6 +376,8 @@ class FedQSN(MeasuredFedAvg):
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {ratio}")
         self.policy = policy
+        self.max_num_examples = max_num_examples
+        self.max_update_norm_ratio = max_update_norm_ratio
         self.server_mask_ratio = server_mask_ratio
         self.client_mask_ratio = client_mask_ratio
         self.bit_width = bit_width
@@ -470,6 +480,40 @@ class FedQSN(MeasuredFedAvg):
             self._log_round(server_round, exposure=self._exposure.exposure)
         return messages
 
+    @staticmethod
+    def _reject(server_round: int, message: Message, reason: str) -> None:
+        log(
+            WARNING,
+            "Round %d: rejected reply from node %d: %s",
+            server_round,
+            message.metadata.src_node_id,
+            reason,
+        )
+
+    def _without_outliers(
+        self, server_round: int, accepted: list[tuple[Message, ClientUpdate]]
+    ) -> list[tuple[Message, ClientUpdate]]:
+        """Drop updates whose norm is far beyond the round's median (needs >= 3)."""
+        if len(accepted) < 3 or math.isinf(self.max_update_norm_ratio):
+            return accepted
+        norms = [
+            math.sqrt(sum(float(d.double().pow(2).sum()) for d in u.deltas.values()))
+            for _, u in accepted
+        ]
+        median = statistics.median(norms)
+        kept = []
+        for (message, update), norm in zip(accepted, norms, strict=True):
+            if norm > self.max_update_norm_ratio * median:
+                self._reject(
+                    server_round,
+                    message,
+                    f"update norm {norm:.4g} is more than {self.max_update_norm_ratio:g} "
+                    f"times the round's median {median:.4g}",
+                )
+            else:
+                kept.append((message, update))
+        return kept
+
     def _client_update(self, message: Message) -> ClientUpdate:
         """Validate one reply and turn it into a :class:`ClientUpdate`."""
         node_id = message.metadata.src_node_id
@@ -486,27 +530,26 @@ class FedQSN(MeasuredFedAvg):
             raise InvalidUpdate(
                 f"'{self.weighted_by_key}' must be a positive finite number, got {weight!r}"
             )
+        if weight > self.max_num_examples:
+            raise InvalidUpdate(
+                f"'{self.weighted_by_key}' = {weight} exceeds the bound {self.max_num_examples}"
+            )
         deltas = decode_update(content.array_records[UPDATE_RECORD], spec, self.policy)
         return ClientUpdate(deltas=deltas, visible=spec.visible, weight=float(weight))
 
     def _aggregate_valid(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates: list[ClientUpdate] = []
-        losses: list[tuple[float, float]] = []
+        accepted: list[tuple[Message, ClientUpdate]] = []
         for message in replies:
             try:
-                update = self._client_update(message)
+                accepted.append((message, self._client_update(message)))
             except InvalidUpdate as err:
-                log(
-                    WARNING,
-                    "Round %d: rejected reply from node %d: %s",
-                    server_round,
-                    message.metadata.src_node_id,
-                    err,
-                )
-                continue
-            updates.append(update)
+                self._reject(server_round, message, str(err))
+        accepted = self._without_outliers(server_round, accepted)
+        updates = [update for _, update in accepted]
+        losses: list[tuple[float, float]] = []
+        for message, update in accepted:
             loss = message.content[METRICS_RECORD].get("train-loss")
             if isinstance(loss, int | float):
                 losses.append((float(loss), update.weight))

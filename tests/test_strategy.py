@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedqsn_flwr.aggregation import ClientUpdate, apply_updates
 from fedqsn_flwr.masking import policy_for_model
@@ -102,3 +102,75 @@ def test_same_seed_gives_the_same_federation(base_config):
         finals.append(result.arrays.to_torch_state_dict())
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
     assert any(not torch.equal(finals[0][k], finals[2][k]) for k in finals[0])
+
+
+def _scaled_update(factor):
+    def tamper(reply):
+        update = reply.content[UPDATE_RECORD]
+        arrays = {k: Array(update[k].numpy() * factor) for k in update.keys()}
+        return Message(
+            RecordDict(
+                {UPDATE_RECORD: ArrayRecord(arrays), METRICS_RECORD: reply.content[METRICS_RECORD]}
+            ),
+            reply_to=_origin(reply),
+        )
+
+    return tamper
+
+
+def _claims(num_examples):
+    def tamper(reply):
+        metrics = MetricRecord(
+            {**dict(reply.content[METRICS_RECORD]), "num-examples": num_examples}
+        )
+        return Message(
+            RecordDict({UPDATE_RECORD: reply.content[UPDATE_RECORD], METRICS_RECORD: metrics}),
+            reply_to=_origin(reply),
+        )
+
+    return tamper
+
+
+def test_absurd_num_examples_and_outlier_norms_are_rejected(base_config, caplog):
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    strategy = FedQSN(
+        policy_for_model(model),
+        0.2,
+        0.2,
+        4,
+        64,
+        seed=3,
+        fraction_evaluate=0.0,
+        min_train_nodes=5,
+        min_available_nodes=5,
+        max_num_examples=10_000,
+        max_update_norm_ratio=5.0,
+    )
+    state = model.state_dict()
+    grid = LocalGrid(
+        5, base_config, tamper={1: _scaled_update(1000.0), 2: _claims(10**9), 3: _claims(-4)}
+    )
+    messages = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))
+    for message in messages:
+        _ORIGINS[message.metadata.dst_node_id] = message
+    replies = grid.send_and_receive(messages)
+    expected_updates = []
+    for reply in replies:
+        partition = grid.partition(reply.metadata.src_node_id)
+        if partition in (0, 4):
+            visible = strategy.client_mask(1, partition)
+            _, _, spec = encode_proxy(state, strategy.policy, visible, 4, 64)
+            deltas = decode_update(reply.content[UPDATE_RECORD], spec, strategy.policy)
+            weight = reply.content[METRICS_RECORD]["num-examples"]
+            expected_updates.append(ClientUpdate(deltas, visible, weight))
+    expected = apply_updates(state, expected_updates, strategy.policy)
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, replies)
+    got = arrays.to_torch_state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    node_of = {grid.partition(n): n for n in grid.contexts}
+    assert f"node {node_of[1]}: update norm" in caplog.text
+    assert f"node {node_of[2]}: 'num-examples' = 1000000000 exceeds the bound" in caplog.text
+    assert f"node {node_of[3]}: 'num-examples' must be a positive finite number" in caplog.text
+    assert strategy.round_log[1]["num_aggregated"] == 2
