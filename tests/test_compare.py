@@ -115,3 +115,43 @@ def test_compare_runs_every_strategy_and_summarises_the_runs(tmp_path, capsys):
     assert main(["--config", str(preset), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("finished earlier, reused") == 5
     assert (out / "summary.csv").read_text() == before
+
+
+def test_an_interrupted_comparison_keeps_finished_runs_and_resumes(tmp_path, monkeypatch, capsys):
+    import fedqsn_flwr.simulation as simulation
+
+    real = simulation.simulate
+    calls = []
+
+    def interrupted_second(config, num_nodes):
+        calls.append(config["strategy"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(config, num_nodes=num_nodes)
+
+    preset = _preset(
+        tmp_path,
+        strategies=["fedavg", "fedqsn"],
+        seeds=[1],
+        nodes=2,
+        config={
+            "num-server-rounds": 1,
+            "pretrain-epochs": 2,
+            "local-epochs": 1,
+            "fraction-evaluate": 0.0,
+        },
+    )
+    out = tmp_path / "out"
+    monkeypatch.setattr(simulation, "simulate", interrupted_second)
+    assert main(["--config", str(preset), "--out", str(out), "--skip-attacks"]) == 130
+    with (out / "summary.csv").open() as handle:
+        assert [r["strategy"] for r in csv.DictReader(handle)] == ["fedavg"]
+    first = (out / "runs" / "fedavg__seed1" / "metrics.csv").read_text()
+
+    monkeypatch.setattr(simulation, "simulate", real)
+    assert main(["--config", str(preset), "--out", str(out), "--skip-attacks"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] fedavg__seed1: finished earlier, reused" in printed
+    assert (out / "runs" / "fedavg__seed1" / "metrics.csv").read_text() == first
+    with (out / "summary.csv").open() as handle:
+        assert [r["strategy"] for r in csv.DictReader(handle)] == ["fedavg", "fedqsn"]
