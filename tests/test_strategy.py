@@ -50,27 +50,36 @@ def _origin(reply):
     return _ORIGINS[reply.metadata.src_node_id]
 
 
-def test_bad_and_failed_replies_are_skipped_and_the_rest_aggregated_exactly(base_config, caplog):
-    strategy, state = _strategy(4)
-    failing = lambda reply: Message(Error(code=0, reason="client crashed"), reply_to=_origin(reply))  # noqa: E731
-    grid = LocalGrid(4, base_config, tamper={1: _nan_update, 2: failing})
+def _round_replies(strategy, state, grid):
+    """Send round 1's proxies through ``grid``; return its replies."""
     messages = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))
     for message in messages:
         _ORIGINS[message.metadata.dst_node_id] = message
-    replies = grid.send_and_receive(messages)
+    return grid.send_and_receive(messages)
 
-    # expected: the per-position mean over the two valid replies (partitions 0 and 3)
-    expected_updates = []
+
+def _expected(strategy, state, grid, replies, valid_partitions):
+    """The global model after aggregating only the replies of ``valid_partitions``."""
+    updates = []
     for reply in replies:
         partition = grid.partition(reply.metadata.src_node_id)
-        if partition in (1, 2):
+        if partition not in valid_partitions:
             continue
         visible = strategy.client_mask(1, partition)
         _, _, spec = encode_proxy(state, strategy.policy, visible, 4, 64)
         deltas = decode_update(reply.content[UPDATE_RECORD], spec, strategy.policy)
         weight = reply.content[METRICS_RECORD]["num-examples"]
-        expected_updates.append(ClientUpdate(deltas, visible, weight))
-    expected = apply_updates(state, expected_updates, strategy.policy)
+        updates.append(ClientUpdate(deltas, visible, weight))
+    return apply_updates(state, updates, strategy.policy)
+
+
+def test_bad_and_failed_replies_are_skipped_and_the_rest_aggregated_exactly(base_config, caplog):
+    strategy, state = _strategy(4)
+    failing = lambda reply: Message(Error(code=0, reason="client crashed"), reply_to=_origin(reply))  # noqa: E731
+    grid = LocalGrid(4, base_config, tamper={1: _nan_update, 2: failing})
+    replies = _round_replies(strategy, state, grid)
+    # expected: the per-position mean over the two valid replies (partitions 0 and 3)
+    expected = _expected(strategy, state, grid, replies, (0, 3))
 
     with caplog.at_level(logging.WARNING):
         arrays, metrics = strategy.aggregate_train(1, replies)
@@ -151,20 +160,8 @@ def test_absurd_num_examples_and_outlier_norms_are_rejected(base_config, caplog)
     grid = LocalGrid(
         5, base_config, tamper={1: _scaled_update(1000.0), 2: _claims(10**9), 3: _claims(-4)}
     )
-    messages = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))
-    for message in messages:
-        _ORIGINS[message.metadata.dst_node_id] = message
-    replies = grid.send_and_receive(messages)
-    expected_updates = []
-    for reply in replies:
-        partition = grid.partition(reply.metadata.src_node_id)
-        if partition in (0, 4):
-            visible = strategy.client_mask(1, partition)
-            _, _, spec = encode_proxy(state, strategy.policy, visible, 4, 64)
-            deltas = decode_update(reply.content[UPDATE_RECORD], spec, strategy.policy)
-            weight = reply.content[METRICS_RECORD]["num-examples"]
-            expected_updates.append(ClientUpdate(deltas, visible, weight))
-    expected = apply_updates(state, expected_updates, strategy.policy)
+    replies = _round_replies(strategy, state, grid)
+    expected = _expected(strategy, state, grid, replies, (0, 4))
     with caplog.at_level(logging.WARNING):
         arrays, _ = strategy.aggregate_train(1, replies)
     got = arrays.to_torch_state_dict()
