@@ -156,6 +156,13 @@ SPEC: dict[str, Key] = {
         lambda v: isinstance(v, bool),
         "store every training message as received (input of the attacks)",
     ),
+    "resume": Key(
+        True,
+        bool,
+        "true or false",
+        lambda v: isinstance(v, bool),
+        "continue a run folder's checkpoint when started again with the same run-name",
+    ),
     "run-name": Key(
         "",
         str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, fields
@@ -54,6 +55,10 @@ class RunRecorder:
     """Writes one run's folder as the run goes, so no finished round is lost.
 
     * ``config.yaml`` -- the resolved configuration;
+    * ``checkpoint.pt`` -- after every round, written atomically: the global model,
+      the round and the strategy's bookkeeping. Started again with the same
+      configuration (same ``run-name``) and ``resume = true``, a killed run
+      continues after its last finished round;
     * ``metrics.csv`` -- one row per round (round 0 is the starting model),
       appended and flushed as soon as the round ends;
     * ``messages.csv`` -- the serialized size of every message;
@@ -67,12 +72,46 @@ class RunRecorder:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.directory = output_root(config) / run_name(config)
         self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=True))
         self.metrics_path = self.directory / "metrics.csv"
-        with self.metrics_path.open("w", newline="") as handle:
-            csv.writer(handle).writerow(METRIC_COLUMNS)
+        self.checkpoint_path = self.directory / "checkpoint.pt"
         self.rows: list[dict[str, float]] = []
         self._start = time.monotonic()
+        self.checkpoint: dict[str, Any] | None = None
+        if config["resume"] and self.checkpoint_path.exists():
+            self._resume(config)
+        else:
+            self._write_config(config)
+            with self.metrics_path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(METRIC_COLUMNS)
+
+    def _write_config(self, config: Mapping[str, Any]) -> None:
+        (self.directory / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=True))
+
+    def _resume(self, config: Mapping[str, Any]) -> None:
+        saved = yaml.safe_load((self.directory / "config.yaml").read_text())
+        if saved != dict(config):
+            changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+            raise ValueError(
+                f"{self.directory} holds a checkpoint of a run with another configuration "
+                f"(differs in {changed}); use another run-name or set resume = false"
+            )
+        self.checkpoint = torch.load(self.checkpoint_path, weights_only=False)
+        done = int(self.checkpoint["round"])
+        # rows written after the checkpoint (a kill between the two) are redone
+        self.rows = [r for r in read_metrics(self.metrics_path) if r["round"] <= done]
+        self._start -= self.rows[-1]["elapsed_seconds"] if self.rows else 0.0
+        with self.metrics_path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(METRIC_COLUMNS)
+            writer.writerows([_cell(r[c]) for c in METRIC_COLUMNS] for r in self.rows)
+
+    def save_checkpoint(
+        self, server_round: int, state: Mapping[str, torch.Tensor], strategy: Mapping[str, Any]
+    ) -> None:
+        """Atomically store what a restart needs to continue after ``server_round``."""
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({"round": server_round, "global": dict(state), "strategy": dict(strategy)}, tmp)
+        os.replace(tmp, self.checkpoint_path)
 
     def add_round(self, values: Mapping[str, float]) -> dict[str, float]:
         """Append one round's row (missing values are written empty)."""

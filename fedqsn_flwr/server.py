@@ -119,6 +119,14 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
 
     sink = recorder.save_received if config["save-messages"] else None
     strategy = build_strategy(config, model, proxy_accuracy, sink)
+    initial = ArrayRecord(model.state_dict())
+    first_round = 1
+    if recorder.checkpoint is not None:
+        checkpoint = recorder.checkpoint
+        initial = ArrayRecord(checkpoint["global"])
+        strategy.restore(checkpoint["strategy"], checkpoint["global"])
+        first_round = int(checkpoint["round"]) + 1
+        log(INFO, "Resuming from %s after round %d", recorder.checkpoint_path, first_round - 1)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         global_loss, global_accuracy = evaluate_state(
@@ -135,6 +143,9 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
                 "global_loss": global_loss,
                 "server_accuracy": server_accuracy,
             }
+        )
+        recorder.save_checkpoint(
+            server_round, arrays.to_torch_state_dict(), strategy.checkpoint_state()
         )
         log(
             INFO,
@@ -156,14 +167,15 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=initial,
         num_rounds=config["num-server-rounds"],
         timeout=config["round-timeout"],
         train_config=train_config(config),
         evaluate_config=ConfigRecord(),
         evaluate_fn=evaluate,
+        first_round=first_round,
     )
-    final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+    final = result.arrays if len(result.arrays) else initial
     recorder.save_model(final.to_torch_state_dict())
     recorder.write_messages(strategy.message_log)
     recorder.write_federation(strategy.num_partitions, sorted(set(strategy.partition_ids.values())))

@@ -12,8 +12,9 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 import torch
 from flwr.app import (
@@ -26,7 +27,7 @@ from flwr.app import (
 )
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
 from .aggregation import ClientUpdate, apply_updates
@@ -117,6 +118,73 @@ class MeasuredFedAvg(FedAvg):
         self.num_partitions = 0  # as reported by the nodes (0: unknown)
         self.message_log: list[MessageEntry] = []
         self.round_log: dict[int, dict[str, float]] = {}
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The bookkeeping a restarted run needs to continue exactly."""
+        return {
+            "partition_ids": dict(self.partition_ids),
+            "num_partitions": self.num_partitions,
+            "round_log": {r: dict(v) for r, v in self.round_log.items()},
+            "message_log": [asdict(e) for e in self.message_log],
+        }
+
+    def restore(
+        self, state: Mapping[str, Any], global_state: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Take back what :meth:`checkpoint_state` returned (``global_state``: the model's)."""
+        self.partition_ids = dict(state["partition_ids"])
+        self.num_partitions = int(state["num_partitions"])
+        self.round_log = {int(r): dict(v) for r, v in state["round_log"].items()}
+        self.message_log = [MessageEntry(**e) for e in state["message_log"]]
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's round loop; ``first_round`` > 1 continues after a checkpoint.
+
+        ``initial_arrays`` are then the global model after round ``first_round - 1``.
+        """
+        if first_round <= 1:
+            return super().start(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+        log(INFO, "Resuming %s after round %d", type(self).__name__, first_round - 1)
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        result = Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            messages = self.configure_train(server_round, arrays, train_config, grid)
+            replies = grid.send_and_receive(messages=messages, timeout=timeout)
+            new_arrays, metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[server_round] = metrics
+            messages = self.configure_evaluate(server_round, arrays, evaluate_config, grid)
+            replies = grid.send_and_receive(messages=messages, timeout=timeout)
+            if (metrics := self.aggregate_evaluate(server_round, replies)) is not None:
+                result.evaluate_metrics_clientapp[server_round] = metrics
+            if evaluate_fn and (metrics := evaluate_fn(server_round, arrays)) is not None:
+                result.evaluate_metrics_serverapp[server_round] = metrics
+        return result
 
     # -- sampling ---------------------------------------------------------------
 
@@ -458,6 +526,22 @@ class FedQSN(MeasuredFedAvg):
             accuracies = [self.proxy_evaluate_fn(p.state) for p in proxies]
             self._log_round(server_round, proxy_accuracy=sum(accuracies) / len(accuracies))
         return messages
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Adds which parameters clients have seen (exposure) to the base state."""
+        state = super().checkpoint_state()
+        if self._exposure is not None:
+            state["exposure_seen"] = {n: m.clone() for n, m in self._exposure.seen.items()}
+        return state
+
+    def restore(
+        self, state: Mapping[str, Any], global_state: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Take back a checkpoint; ``global_state`` shapes the exposure tracker."""
+        super().restore(state)
+        if "exposure_seen" in state and global_state is not None:
+            self._exposure = ExposureTracker(global_state, self.policy)
+            self._exposure.seen = {n: m.clone() for n, m in state["exposure_seen"].items()}
 
     @property
     def exposure_bound(self) -> float:

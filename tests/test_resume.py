@@ -1,0 +1,87 @@
+"""Checkpoint after every round; a killed run restarted with the same config resumes."""
+
+import pytest
+import torch
+from flwr.app import MessageType
+
+from fedqsn_flwr.config import validate
+from fedqsn_flwr.results import read_metrics
+from fedqsn_flwr.server import run_server
+from tests.helpers import LocalGrid
+
+
+class KilledGrid(LocalGrid):
+    """Dies (like a killed server) when round ``kill_round``'s training starts."""
+
+    def __init__(self, *args, kill_round: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_round = kill_round
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            if (
+                message.metadata.message_type == MessageType.TRAIN
+                and int(message.content["config"]["server-round"]) == self.kill_round
+            ):
+                raise KeyboardInterrupt("server killed")
+        return super().send_and_receive(messages, timeout)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """LocalGrid runs the client handlers in this process, and they set one torch
+    thread; the reference run must use the same, as float reductions depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(base_config, name):
+    return validate(
+        {
+            **base_config,
+            "run-name": name,
+            "num-server-rounds": 4,
+            "min-nodes": 3,
+            "fraction-evaluate": 0.5,
+            "server-mask-ratio": 0.3,
+        }
+    )
+
+
+def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(base_config, tmp_path):
+    full = run_server(LocalGrid(3, _config(base_config, "full")), _config(base_config, "full"))
+
+    config = _config(base_config, "killed")
+    with pytest.raises(KeyboardInterrupt):
+        run_server(KilledGrid(3, config, kill_round=3), config)
+    folder = tmp_path / "killed"
+    assert [int(r["round"]) for r in read_metrics(folder / "metrics.csv")] == [0, 1, 2]
+    assert torch.load(folder / "checkpoint.pt", weights_only=False)["round"] == 2
+    assert not (folder / "final_model.pt").exists()
+
+    resumed = run_server(LocalGrid(3, config), config)
+    a = torch.load(full.directory / "final_model.pt")
+    b = torch.load(resumed.directory / "final_model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_full = read_metrics(full.directory / "metrics.csv")
+    rows_resumed = read_metrics(resumed.directory / "metrics.csv")
+    assert [int(r["round"]) for r in rows_resumed] == [0, 1, 2, 3, 4]
+    for x, y in zip(rows_full, rows_resumed, strict=True):
+        for column, value in x.items():
+            if column != "elapsed_seconds":
+                assert value == y[column] or (value != value and y[column] != y[column]), column
+    assert (resumed.directory / "messages.csv").read_text() == (
+        full.directory / "messages.csv"
+    ).read_text()
+
+
+def test_resuming_with_another_config_is_refused(base_config):
+    config = _config(base_config, "first")
+    with pytest.raises(KeyboardInterrupt):
+        run_server(KilledGrid(3, config, kill_round=2), config)
+    changed = {**config, "bit-width": 3}
+    with pytest.raises(ValueError, match="another configuration.*bit-width"):
+        run_server(LocalGrid(3, changed), changed)
