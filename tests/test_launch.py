@@ -1,10 +1,14 @@
 """A real multi-process federation: SuperLink + 3 SuperNodes on loopback."""
 
 import os
+import re
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
-from fedqsn_flwr.launch import LocalFederation, _with_min_nodes, submit
+from fedqsn_flwr.launch import LocalFederation, _tool, _with_min_nodes, free_port, submit
 from fedqsn_flwr.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,3 +53,86 @@ def test_launcher_runs_fedqsn_across_processes_and_leaves_nothing_behind(tmp_pat
 def test_min_nodes_is_added_unless_given():
     assert _with_min_nodes("seed=1", 4) == "seed=1 min-nodes=4"
     assert _with_min_nodes("min-nodes=2 seed=1", 4) == "min-nodes=2 seed=1"
+
+
+def test_a_supernode_killed_mid_run_leaves_the_run_to_finish_with_the_others(tmp_path):
+    """min-nodes below the node count lets rounds go on; round-timeout bounds the wait."""
+    federation = LocalFederation(nodes=3, workdir=tmp_path / "fed")
+    metrics = tmp_path / "killed" / "metrics.csv"
+    run_config = (
+        f"num-server-rounds=3 pretrain-epochs=5 min-nodes=2 round-timeout=20 "
+        f"fraction-evaluate=0.0 output-dir='{tmp_path}' run-name='killed'"
+    )
+    outcome = {}
+    try:
+        federation.start()
+        runner = threading.Thread(
+            target=lambda: outcome.update(run=submit(federation, ROOT, run_config, 400))
+        )
+        runner.start()
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(read_metrics(metrics)) >= 2):  # round 1 done
+            assert time.monotonic() < deadline and runner.is_alive()
+            time.sleep(0.5)
+        victim = federation.processes[-1][1]
+        os.killpg(victim.pid, signal.SIGKILL)
+        runner.join(timeout=400)
+    finally:
+        federation.stop()
+    assert outcome["run"].completed, outcome["run"].output[-3000:]
+    rows = read_metrics(metrics)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    assert rows[1]["num_aggregated"] == 3
+    assert all(r["num_aggregated"] == 2 for r in rows[2:])
+    assert any(r["num_failures"] >= 1 for r in rows[2:])
+
+
+def test_a_supernode_without_partition_id_gets_a_clear_error_and_is_skipped(tmp_path):
+    federation = LocalFederation(nodes=2, workdir=tmp_path / "fed")
+    run_config = (
+        f"num-server-rounds=1 pretrain-epochs=2 min-nodes=3 round-timeout=60 "
+        f"fraction-evaluate=0.0 output-dir='{tmp_path}' run-name='bad-node'"
+    )
+    try:
+        federation.start()
+        federation._spawn(
+            "no-config",
+            [
+                _tool("flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{federation.superlink_port}",
+                "--port",
+                str(free_port()),
+            ],
+        )
+        outcome = submit(federation, ROOT, run_config, timeout=300)
+    finally:
+        federation.stop()
+    assert outcome.completed, outcome.output[-3000:]
+    assert re.search(
+        r"node \d+ failed and is skipped: .*node config has no 'partition-id'; "
+        r"start the SuperNode with --node-config",
+        outcome.output,
+    )
+    rows = read_metrics(tmp_path / "bad-node" / "metrics.csv")
+    assert rows[1]["num_aggregated"] == 2 and rows[1]["num_failures"] == 1
+
+
+def test_partition_id_out_of_range_is_a_clear_error():
+    import pytest
+    from flwr.app import Context, RecordDict
+
+    from fedqsn_flwr.client import NodeConfigError, partition_of
+
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 5, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    with pytest.raises(
+        NodeConfigError, match="partition-id 5 is out of range for num-partitions=3"
+    ):
+        partition_of(context)
