@@ -136,3 +136,38 @@ def test_partition_id_out_of_range_is_a_clear_error():
         NodeConfigError, match="partition-id 5 is out of range for num-partitions=3"
     ):
         partition_of(context)
+
+
+def test_launcher_stops_everything_when_terminated(tmp_path):
+    import sys
+
+    logs = tmp_path / "logs"
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedqsn_flwr.launch",
+            "--nodes",
+            "2",
+            "--logs",
+            str(logs),
+            "--run-config",
+            f"num-server-rounds=50 output-dir='{tmp_path}' run-name='long'",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    first = launcher.stdout.readline()  # "SuperLink on ..., 2 SuperNodes (pids [...]); ..."
+    pids = [int(p) for p in re.search(r"pids \[([\d, ]+)\]", first).group(1).split(",")]
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "long" / "metrics.csv").exists():  # the run is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)
+    rest = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 1
+    assert "interrupted: stopping the federation" in rest
+    assert not any(_alive(pid) for pid in pids)
+    assert not any(_session_members(pid) for pid in pids)
