@@ -50,7 +50,7 @@ from .models import build_model
 from .privacy import to_global_units
 from .proxy import Proxy, received_model
 from .results import load_received, read_metrics
-from .training import evaluate, train
+from .training import evaluate, evaluate_state, train
 
 DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATES = (0.005, 0.02, 0.05)
@@ -160,7 +160,7 @@ def run_attacks(
     def record(name: str, accuracy: float, detail: str) -> None:
         results.append({"attack": name, "accuracy": accuracy, "detail": detail})
 
-    as_is = {p: evaluate_state(model, proxy.state, data.test) for p, proxy in last.items()}
+    as_is = {p: evaluate_state(model, proxy.state, data.test)[1] for p, proxy in last.items()}
     best_partition = max(as_is, key=as_is.get)
     record(
         "proxy_as_is",
@@ -199,7 +199,7 @@ def run_attacks(
         coverage = sum(int(seen[n].sum()) for n in floats) / sum(seen[n].numel() for n in floats)
         record(
             f"{name}_as_is",
-            evaluate_state(model, state, data.test),
+            evaluate_state(model, state, data.test)[1],
             f"{len(proxies)} proxies pooled; {coverage:.4f} of the parameters seen",
         )
         accuracy, rate, epoch = finetune(
@@ -229,12 +229,6 @@ def run_attacks(
     }
     (run_dir / "attacks.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def evaluate_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], test: Split) -> float:
-    """Accuracy of ``state`` on ``test``."""
-    model.load_state_dict(dict(state))
-    return evaluate(model, test)[1]
 
 
 def format_report(report: Mapping[str, Any]) -> str:
