@@ -54,10 +54,10 @@ def apply_updates(
         if not having or not tensor.is_floating_point():
             out[name] = tensor.clone()
             continue
-        total = torch.zeros(tensor.shape, dtype=torch.float64)
+        total = torch.zeros(tensor.shape, dtype=torch.float64, device=tensor.device)
         if name in policy.unit_axes:
             axis = policy.unit_axes[name]
-            weight = torch.zeros(tensor.shape[axis], dtype=torch.float64)
+            weight = torch.zeros(tensor.shape[axis], dtype=torch.float64, device=tensor.device)
             for update in having:
                 units = update.visible[name]
                 total.index_add_(axis, units, update.deltas[name].to(torch.float64) * update.weight)
@@ -66,7 +66,7 @@ def apply_updates(
             shape[axis] = -1
             weight = weight.view(shape)
         else:
-            weight = torch.tensor(0.0, dtype=torch.float64)
+            weight = torch.tensor(0.0, dtype=torch.float64, device=tensor.device)
             for update in having:
                 total += update.deltas[name].to(torch.float64) * update.weight
                 weight += update.weight

@@ -13,7 +13,7 @@ from .masking import derive_seed
 from .models import build_model
 from .proxy import PROXY_RECORD, UPDATE_RECORD, encode_update, received_model
 from .strategy import METRICS_RECORD, NUM_PARTITIONS_KEY, PARTITION_ID_KEY
-from .training import evaluate, train
+from .training import evaluate, pick_device, train
 
 
 class NodeConfigError(ValueError):
@@ -65,7 +65,7 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
     train_split, _ = client_data(config, context)
     proxy = received_model(message.content)
     settings = message.content["config"]
-    model = build_model(config["model"], config["dropout"])
+    model = build_model(config["model"], config["dropout"]).to(pick_device(config["device"]))
     model.load_state_dict(proxy.state)
     partition_id, _ = partition_of(context)
     loss = train(
@@ -90,7 +90,7 @@ def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any
     """Evaluate the received proxy on the local evaluation split."""
     torch.set_num_threads(1)
     _, eval_split = client_data(config, context)
-    model = build_model(config["model"], config["dropout"])
+    model = build_model(config["model"], config["dropout"]).to(pick_device(config["device"]))
     model.load_state_dict(received_model(message.content).state)
     loss, accuracy = evaluate(model, eval_split)
     metrics = MetricRecord({"num-examples": len(eval_split), "loss": loss, "accuracy": accuracy})

@@ -25,7 +25,9 @@ import yaml
 
 from .data import DATASETS, PARTITIONINGS
 from .models import MODELS
+from .proxy import UPDATE_BIT_WIDTHS
 from .quantization import MAX_BIT_WIDTH, MIN_BIT_WIDTH
+from .training import DEVICE_PATTERN
 
 STRATEGIES = ("fedqsn", "fedsn", "fedq", "fedavg", "fedprox")
 
@@ -116,6 +118,13 @@ SPEC: dict[str, Key] = {
         "NormalFloat bits per proxy value",
     ),
     "block-size": _integer(64, 1, "values per absmax block"),
+    "update-bit-width": Key(
+        32,
+        int,
+        f"one of {list(UPDATE_BIT_WIDTHS)}",
+        lambda v: v in UPDATE_BIT_WIDTHS,
+        "client updates as float32 (32), float16 (16) or NF-k codes (2..8) (fedq/fedsn/fedqsn)",
+    ),
     "mask-input-layer": Key(
         False,
         bool,
@@ -142,6 +151,13 @@ SPEC: dict[str, Key] = {
         0.1, 0, 0.5, False, False, "share of the data private to the server for pretraining"
     ),
     "seed": _integer(42, 0, "seed of masks, splits, sampling, training"),
+    "device": Key(
+        "auto",
+        str,
+        "auto, cpu, cuda or cuda:<index>",
+        lambda v: DEVICE_PATTERN.fullmatch(v) is not None,
+        "where proxies are built, updates aggregated and models trained (auto: cuda if present)",
+    ),
     "output-dir": Key(
         "~/fedqsn-outputs",
         str,

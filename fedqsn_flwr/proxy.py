@@ -9,16 +9,23 @@ A proxy message holds one :class:`~flwr.app.ArrayRecord` (``"proxy"``) and one
   (int32). Only those slices are serialized -- hidden units are *absent*, not
   zeros;
 * quantized tensors carry ``name/codes`` (uint8, bit-packed NF-k codes of the
-  visible values, scaled) and ``name/scales`` (float32, one absmax per block);
+  visible values, scaled) and ``name/scales`` (one absmax per block: float16 when
+  every scale is a normal float16 number, else float32);
 * other tensors carry ``name`` (float32 visible values, scaled).
 
 The layout record holds ``shape/name`` (full dense shape), ``axis/name`` (unit
 axis, -1 when unmasked), ``tensors`` (names in state-dict order), ``bit-width``
-(0 when unquantized) and ``block-size``.
+(0 when unquantized), ``block-size`` and ``update-bit-width`` (how the client
+must encode its reply).
 
-A client's reply holds an ArrayRecord ``"update"`` with ``name`` -> float32
-``trained - received`` restricted to the visible units (same shape as the
-visible slice), for every floating-point tensor of the proxy.
+A client's reply holds an ArrayRecord ``"update"`` with ``trained - received``
+restricted to the visible units (same shape as the visible slice), for every
+floating-point tensor of the proxy, encoded as the layout asks:
+
+* ``update-bit-width`` 32: ``name`` -> float32 (exact);
+* 16: ``name`` -> float16 (half the bytes, relative rounding error <= 2**-11);
+* 2..8: ``name/codes`` and ``name/scales``: the update NF-k quantized like the
+  proxy (block size ``block-size``).
 """
 
 from __future__ import annotations
@@ -31,11 +38,22 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .masking import MaskPolicy, UnitMask, take_units, unit_scale
-from .quantization import dequantize, num_blocks, pack_bits, quantize, unpack_bits
+from .quantization import (
+    MAX_BIT_WIDTH,
+    MIN_BIT_WIDTH,
+    dequantize_packed,
+    num_blocks,
+    packed_size,
+    quantize_packed,
+)
 
 PROXY_RECORD = "proxy"
 LAYOUT_RECORD = "proxy-layout"
 UPDATE_RECORD = "update"
+#: Allowed ``update-bit-width`` values: float32, float16, or NF-k codes.
+UPDATE_BIT_WIDTHS = (32, 16, *range(MIN_BIT_WIDTH, MAX_BIT_WIDTH + 1))
+_FLOAT16_MIN_NORMAL = float(torch.finfo(torch.float16).tiny)
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
 class InvalidUpdate(ValueError):
@@ -52,11 +70,17 @@ class ProxySpec:
         Units the client saw, per masked tensor.
     update_shapes : dict[str, tuple[int, ...]]
         Expected shape of every tensor in the client's update.
+    update_bit_width : int (default: 32)
+        How the client was asked to encode its update (see the module docstring).
+    block_size : int (default: 64)
+        Block size of a quantized update.
 
     """
 
     visible: UnitMask
     update_shapes: dict[str, tuple[int, ...]]
+    update_bit_width: int = 32
+    block_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -71,12 +95,18 @@ class Proxy:
         Unit axis of every masked tensor.
     visible : UnitMask
         Visible units of every masked tensor.
+    update_bit_width : int (default: 32)
+        How the server wants the update encoded.
+    block_size : int (default: 64)
+        Block size of a quantized update.
 
     """
 
     state: dict[str, torch.Tensor]
     unit_axes: dict[str, int]
     visible: UnitMask
+    update_bit_width: int = 32
+    block_size: int = 64
 
     def hidden_masks(self) -> dict[str, torch.Tensor]:
         """Boolean masks of the hidden entries of every masked tensor.
@@ -115,12 +145,59 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().cpu().numpy())
 
 
+def compact_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Block scales as float16 when that keeps every one a normal number, else float32.
+
+    Rounding a scale to float16 moves a dequantized value by at most 2**-11 of
+    itself, far below the quantization step of any bit width used here, and saves
+    2 of the ~4.5 bits per value of the 4-bit format's scale overhead.
+    """
+    nonzero = scales[scales != 0].abs()
+    if nonzero.numel() == 0 or (
+        float(nonzero.min()) >= _FLOAT16_MIN_NORMAL and float(nonzero.max()) <= _FLOAT16_MAX
+    ):
+        return scales.to(torch.float16)
+    return scales.to(torch.float32)
+
+
+def _quantized_arrays(
+    name: str, values: torch.Tensor, bit_width: int, block_size: int
+) -> dict[str, Array]:
+    packed, scales = quantize_packed(values, bit_width, block_size)
+    return {
+        f"{name}/codes": Array(_numpy(packed)),
+        f"{name}/scales": Array(_numpy(compact_scales(scales))),
+    }
+
+
+def _dequantized(
+    arrays: ArrayRecord, name: str, bit_width: int, block_size: int, count: int
+) -> torch.Tensor:
+    """Values of ``name/codes`` and ``name/scales``, checked against ``count``."""
+    scales_array = arrays[f"{name}/scales"]
+    if scales_array.dtype not in ("float16", "float32"):
+        raise ValueError(f"'{name}/scales' has dtype {scales_array.dtype}")
+    scales = _tensor(arrays, f"{name}/scales").to(torch.float32)
+    if scales.numel() != num_blocks(count, block_size):
+        raise ValueError(f"'{name}' has {scales.numel()} scales for {count} values")
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"'{name}/scales' holds NaN or Inf")
+    codes = _tensor(arrays, f"{name}/codes")
+    if codes.dtype != torch.uint8 or codes.numel() != packed_size(count, bit_width):
+        raise ValueError(
+            f"'{name}/codes' has {codes.numel()} {codes.dtype} values; expected "
+            f"{packed_size(count, bit_width)} uint8 for {count} codes of {bit_width} bits"
+        )
+    return dequantize_packed(codes, scales, bit_width, block_size, count)
+
+
 def encode_proxy(
     state: Mapping[str, torch.Tensor],
     policy: MaskPolicy,
     visible: UnitMask,
     bit_width: int | None,
     block_size: int,
+    update_bit_width: int = 32,
 ) -> tuple[ArrayRecord, ConfigRecord, ProxySpec]:
     """Serialize the proxy of ``state`` defined by a client's ``visible`` units.
 
@@ -136,6 +213,8 @@ def encode_proxy(
         NF-k bits, or None to send float32 values.
     block_size : int
         Values per absmax block.
+    update_bit_width : int (default: 32)
+        How the client must encode its update: 32, 16 or 2..8 (NF-k).
 
     Returns
     -------
@@ -144,12 +223,15 @@ def encode_proxy(
         reply back.
 
     """
+    if update_bit_width not in UPDATE_BIT_WIDTHS:
+        raise ValueError(f"update bit width must be one of {UPDATE_BIT_WIDTHS}")
     arrays: dict[str, Array] = {}
     layout = ConfigRecord(
         {
             "tensors": list(state),
             "bit-width": bit_width or 0,
             "block-size": block_size,
+            "update-bit-width": update_bit_width,
         }
     )
     update_shapes: dict[str, tuple[int, ...]] = {}
@@ -164,14 +246,14 @@ def encode_proxy(
         if name in policy.unit_axes:
             arrays[f"{name}/units"] = Array(_numpy(visible[name].to(torch.int32)))
         if bit_width is not None and name in policy.quantized:
-            codes, scales = quantize(values, bit_width, block_size)
-            arrays[f"{name}/codes"] = Array(_numpy(pack_bits(codes, bit_width)))
-            arrays[f"{name}/scales"] = Array(_numpy(scales))
+            arrays.update(_quantized_arrays(name, values, bit_width, block_size))
         else:
             arrays[name] = Array(_numpy(values))
     spec = ProxySpec(
         visible={name: units.clone() for name, units in visible.items()},
         update_shapes=update_shapes,
+        update_bit_width=update_bit_width,
+        block_size=block_size,
     )
     return ArrayRecord(arrays), layout, spec
 
@@ -198,11 +280,7 @@ def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:
             if units is not None:
                 slice_shape[axis] = units.numel()
             count = int(np.prod(slice_shape))
-            scales = _tensor(arrays, f"{name}/scales")
-            if scales.numel() != num_blocks(count, block_size):
-                raise ValueError(f"proxy tensor '{name}' has {scales.numel()} scales")
-            codes = unpack_bits(_tensor(arrays, f"{name}/codes"), bit_width, count)
-            values = dequantize(codes, scales, bit_width, block_size).view(slice_shape)
+            values = _dequantized(arrays, name, bit_width, block_size, count).view(slice_shape)
         else:
             values = _tensor(arrays, name)
             units = _tensor(arrays, f"{name}/units").long() if axis >= 0 else None
@@ -214,7 +292,13 @@ def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:
         state[name] = dense
         unit_axes[name] = axis
         visible[name] = units
-    return Proxy(state=state, unit_axes=unit_axes, visible=visible)
+    return Proxy(
+        state=state,
+        unit_axes=unit_axes,
+        visible=visible,
+        update_bit_width=int(layout.get("update-bit-width", 32)),
+        block_size=block_size,
+    )
 
 
 def received_model(content: RecordDict, arrays_key: str = "arrays") -> Proxy:
@@ -226,7 +310,11 @@ def received_model(content: RecordDict, arrays_key: str = "arrays") -> Proxy:
 
 
 def encode_update(trained: Mapping[str, torch.Tensor], proxy: Proxy) -> ArrayRecord:
-    """A client's reply: ``trained - received`` on the visible units only."""
+    """A client's reply: ``trained - received`` on the visible units only.
+
+    Encoded as the server asked (``proxy.update_bit_width``, see the module
+    docstring).
+    """
     arrays: dict[str, Array] = {}
     for name, received in proxy.state.items():
         if not received.is_floating_point():
@@ -234,8 +322,38 @@ def encode_update(trained: Mapping[str, torch.Tensor], proxy: Proxy) -> ArrayRec
         delta = trained[name].detach().cpu().to(torch.float32) - received.to(torch.float32)
         if name in proxy.unit_axes:
             delta = take_units(delta, proxy.unit_axes[name], proxy.visible[name])
-        arrays[name] = Array(_numpy(delta))
+        if proxy.update_bit_width == 32:
+            arrays[name] = Array(_numpy(delta))
+        elif proxy.update_bit_width == 16:
+            arrays[name] = Array(_numpy(delta.to(torch.float16)))
+        else:
+            arrays.update(_quantized_arrays(name, delta, proxy.update_bit_width, proxy.block_size))
     return ArrayRecord(arrays)
+
+
+def _update_keys(spec: ProxySpec) -> set[str]:
+    if spec.update_bit_width in (16, 32):
+        return set(spec.update_shapes)
+    return {f"{name}/{part}" for name in spec.update_shapes for part in ("codes", "scales")}
+
+
+def _update_tensor(
+    update: ArrayRecord, name: str, shape: tuple[int, ...], spec: ProxySpec
+) -> torch.Tensor:
+    if spec.update_bit_width not in (16, 32):
+        count = int(np.prod(shape))
+        try:
+            values = _dequantized(update, name, spec.update_bit_width, spec.block_size, count)
+        except ValueError as err:
+            raise InvalidUpdate(str(err)) from err
+        return values.view(shape)
+    array = update[name]
+    expected = "float32" if spec.update_bit_width == 32 else "float16"
+    if array.dtype != expected:
+        raise InvalidUpdate(f"'{name}' has dtype {array.dtype}, expected {expected}")
+    if tuple(array.shape) != shape:
+        raise InvalidUpdate(f"'{name}' has shape {tuple(array.shape)}, expected {shape}")
+    return torch.from_numpy(array.numpy().copy()).to(torch.float32)
 
 
 def decode_update(
@@ -243,23 +361,19 @@ def decode_update(
 ) -> dict[str, torch.Tensor]:
     """Validate a client's update and undo the unit scaling.
 
-    Returns the update of every tensor in global units, still restricted to the
-    units the client saw (``spec.visible``). Raises :class:`InvalidUpdate` naming
-    the first problem: a missing or extra key, a wrong shape or dtype, NaN/Inf.
+    Returns the update of every tensor in global units (float32), still
+    restricted to the units the client saw (``spec.visible``). Raises
+    :class:`InvalidUpdate` naming the first problem: a missing or extra key, a
+    wrong shape or dtype, NaN/Inf.
     """
-    expected, received = set(spec.update_shapes), set(update.keys())
+    expected, received = _update_keys(spec), set(update.keys())
     if missing := sorted(expected - received):
         raise InvalidUpdate(f"missing update for {missing}")
     if extra := sorted(received - expected):
         raise InvalidUpdate(f"unexpected arrays {extra}")
     deltas: dict[str, torch.Tensor] = {}
     for name, shape in spec.update_shapes.items():
-        array = update[name]
-        if array.dtype != "float32":
-            raise InvalidUpdate(f"'{name}' has dtype {array.dtype}, expected float32")
-        if tuple(array.shape) != shape:
-            raise InvalidUpdate(f"'{name}' has shape {tuple(array.shape)}, expected {shape}")
-        delta = torch.from_numpy(array.numpy().copy())
+        delta = _update_tensor(update, name, shape, spec)
         if not bool(torch.isfinite(delta).all()):
             raise InvalidUpdate(f"'{name}' holds NaN or Inf")
         if name in policy.unit_axes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from functools import cache
 
+import numpy as np
 import torch
 
 MIN_BIT_WIDTH = 2
@@ -156,3 +157,77 @@ def unpack_bits(packed: torch.Tensor, bit_width: int, count: int) -> torch.Tenso
     bits = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * bit_width]
     weights = 2 ** torch.arange(bit_width - 1, -1, -1, device=flat.device)
     return (bits.view(count, bit_width).long() * weights).sum(dim=1).to(torch.uint8)
+
+
+def _use_kernels(tensor: torch.Tensor, backend: str) -> bool:
+    from . import kernels
+
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    if backend == "numba" and not kernels.AVAILABLE:
+        raise RuntimeError("backend 'numba' needs the numba package")
+    return backend != "torch" and kernels.AVAILABLE and tensor.device.type == "cpu"
+
+
+def quantize_packed(
+    values: torch.Tensor, bit_width: int, block_size: int, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize and bit-pack in one step: ``(packed codes, scales)``.
+
+    Bit for bit the same as ``pack_bits(quantize(...)[0])`` and ``quantize(...)[1]``.
+    ``backend`` ``"auto"`` uses the compiled kernels of :mod:`fedqsn_flwr.kernels`
+    for CPU tensors when numba is installed and the tensor code otherwise (e.g. on
+    CUDA); ``"torch"`` forces the tensor code, ``"numba"`` the kernels.
+    """
+    _check_bit_width(bit_width)
+    if block_size < 1:
+        raise ValueError(f"block size must be >= 1, got {block_size}")
+    if not _use_kernels(values, backend):
+        codes, scales = quantize(values, bit_width, block_size)
+        return pack_bits(codes, bit_width), scales
+    from . import kernels
+
+    flat = values.detach().reshape(-1).to(torch.float32).contiguous().numpy()
+    scales = kernels.block_absmax(flat, block_size)
+    if not np.isfinite(scales).all():
+        raise ValueError("cannot quantize a tensor holding NaN or Inf")
+    midpoints = _midpoints(bit_width).numpy()
+    packed = kernels.quantize_pack(flat, scales, midpoints, bit_width, block_size)
+    return torch.from_numpy(packed), torch.from_numpy(scales)
+
+
+def dequantize_packed(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bit_width: int,
+    block_size: int,
+    count: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_packed`: ``count`` float32 values (flat).
+
+    Bit for bit the same as ``dequantize(unpack_bits(packed, ...), scales, ...)``.
+    """
+    _check_bit_width(bit_width)
+    if packed.numel() != packed_size(count, bit_width):
+        raise ValueError(
+            f"{packed.numel()} packed bytes cannot hold exactly {count} codes of {bit_width} bits"
+        )
+    if scales.numel() != num_blocks(count, block_size):
+        raise ValueError(
+            f"{scales.numel()} scales do not fit {count} codes in blocks of {block_size}"
+        )
+    if not _use_kernels(packed, backend):
+        codes = unpack_bits(packed, bit_width, count)
+        return dequantize(codes, scales.to(torch.float32), bit_width, block_size)
+    from . import kernels
+
+    values = kernels.dequantize_unpack(
+        packed.reshape(-1).to(torch.uint8).contiguous().numpy(),
+        scales.reshape(-1).to(torch.float32).contiguous().numpy(),
+        _codebook(bit_width).numpy(),
+        bit_width,
+        block_size,
+        count,
+    )
+    return torch.from_numpy(values)

@@ -20,7 +20,7 @@ from .masking import policy_for_model
 from .models import build_model
 from .results import RunRecorder
 from .strategy import FedQSN, MeasuredFedAvg, MessageSink, StateEvaluateFn
-from .training import evaluate_state, train
+from .training import evaluate_state, pick_device, train
 
 
 def server_data(config: Mapping[str, Any]) -> ServerData:
@@ -33,6 +33,7 @@ def server_data(config: Mapping[str, Any]) -> ServerData:
 def initial_model(config: Mapping[str, Any], data: ServerData) -> nn.Module:
     """The server's starting model: seeded init, pretrained on its private split."""
     model = build_model(config["model"], config["dropout"], seed=config["seed"])
+    model.to(pick_device(config["device"]))
     if config["pretrain-epochs"] > 0 and len(data.pretrain) > 0:
         loss = train(
             model,
@@ -88,6 +89,8 @@ def build_strategy(
         seed=config["seed"],
         max_num_examples=config["max-num-examples"],
         max_update_norm_ratio=config["max-update-norm-ratio"] or math.inf,
+        update_bit_width=config["update-bit-width"],
+        device=pick_device(config["device"]),
         **common,
     )
 

@@ -43,6 +43,7 @@ from .privacy import ExposureTracker, similarity, to_global_units
 from .proxy import (
     LAYOUT_RECORD,
     PROXY_RECORD,
+    UPDATE_BIT_WIDTHS,
     UPDATE_RECORD,
     InvalidUpdate,
     ProxySpec,
@@ -302,6 +303,7 @@ class MeasuredFedAvg(FedAvg):
         node_ids = self._sample(
             grid, server_round, self.fraction_train, self.min_train_nodes, _TRAIN
         )
+        started = time.perf_counter()
         config = ConfigRecord({**dict(config), "server-round": server_round})
         messages = self._train_messages(server_round, arrays, config, node_ids)
         self._record(server_round, messages, "down")
@@ -310,6 +312,7 @@ class MeasuredFedAvg(FedAvg):
             server_round,
             num_sampled=len(messages),
             bytes_down=self._mean_bytes(server_round, MessageType.TRAIN, "down"),
+            configure_train_seconds=time.perf_counter() - started,
         )
         return messages
 
@@ -322,6 +325,7 @@ class MeasuredFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate replies in partition order; record their sizes and failures."""
+        started = time.perf_counter()
         replies = self._ordered(replies)
         self._record(server_round, replies, "up")
         failed = [m for m in replies if m.has_error()]
@@ -341,6 +345,7 @@ class MeasuredFedAvg(FedAvg):
         entry["num_failures"] = entry.get("num_sampled", 0.0) - entry["num_aggregated"]
         if metrics is not None and "train-loss" in metrics:
             entry["train_loss"] = float(metrics["train-loss"])
+        entry["aggregate_train_seconds"] = time.perf_counter() - started
         return arrays, metrics
 
     def _evaluate_messages(
@@ -412,6 +417,16 @@ class FedQSN(MeasuredFedAvg):
     max_update_norm_ratio : float (default: inf)
         With at least 3 valid replies, an update whose L2 norm exceeds this many
         times the round's median update norm is rejected.
+    update_bit_width : int (default: 32)
+        How clients encode their updates: 32 (float32), 16 (float16) or 2..8
+        (NF-k codes in blocks of ``block_size``); see :mod:`fedqsn_flwr.proxy`.
+    device : str | torch.device (default: "cpu")
+        Where proxies are built and updates aggregated (e.g. ``"cuda"``). The
+        global model handed back to Flower is always on the CPU.
+    privacy_metrics : bool (default: True)
+        Decode every proxy as its client will and log its similarity to the
+        global model and the exposure (``round_log``). Costs about one decode
+        per message on the server.
     **fedavg_kwargs
         Sampling settings passed to :class:`~flwr.serverapp.strategy.FedAvg`.
 
@@ -429,6 +444,9 @@ class FedQSN(MeasuredFedAvg):
         message_sink: MessageSink | None = None,
         max_num_examples: float = math.inf,
         max_update_norm_ratio: float = math.inf,
+        update_bit_width: int = 32,
+        device: str | torch.device = "cpu",
+        privacy_metrics: bool = True,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(
@@ -443,6 +461,13 @@ class FedQSN(MeasuredFedAvg):
         ):
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+        if update_bit_width not in UPDATE_BIT_WIDTHS:
+            raise ValueError(
+                f"update_bit_width must be one of {UPDATE_BIT_WIDTHS}, got {update_bit_width}"
+            )
+        self.update_bit_width = update_bit_width
+        self.device = torch.device(device)
+        self.privacy_metrics = privacy_metrics
         self.policy = policy
         self.max_num_examples = max_num_examples
         self.max_update_norm_ratio = max_update_norm_ratio
@@ -461,6 +486,7 @@ class FedQSN(MeasuredFedAvg):
         log(INFO, "\t│\t├── server mask ratio p1: %.3f", self.server_mask_ratio)
         log(INFO, "\t│\t├── client mask ratio p2: %.3f", self.client_mask_ratio)
         log(INFO, "\t│\t├── bit width: %s, block size: %d", self.bit_width, self.block_size)
+        log(INFO, "\t│\t├── update bit width: %d, device: %s", self.update_bit_width, self.device)
         log(INFO, "\t│\t└── masked tensors: %s", ", ".join(sorted(self.policy.unit_axes)))
         super().summary()
 
@@ -473,57 +499,59 @@ class FedQSN(MeasuredFedAvg):
         """The paper's *server model*: the global model under the server mask only."""
         return apply_mask(arrays.to_torch_state_dict(), self.policy, self.server_mask)
 
-    def _proxy_messages(
+    def _proxy_message(
         self,
+        state: Mapping[str, torch.Tensor],
         server_round: int,
-        arrays: ArrayRecord,
+        node_id: int,
         config: ConfigRecord,
-        node_ids: list[int],
         message_type: str,
         purpose: int,
-    ) -> tuple[list[Message], dict[int, ProxySpec]]:
-        state = arrays.to_torch_state_dict()
-        messages, specs = [], {}
-        for node_id in node_ids:
-            visible = self.client_mask(server_round, self.partition_ids[node_id], purpose)
-            proxy, layout, spec = encode_proxy(
-                state, self.policy, visible, self.bit_width, self.block_size
-            )
-            content = RecordDict(
-                {PROXY_RECORD: proxy, LAYOUT_RECORD: layout, self.configrecord_key: config}
-            )
-            messages.append(
-                Message(content=content, message_type=message_type, dst_node_id=node_id)
-            )
-            specs[node_id] = spec
-        return messages, specs
+    ) -> tuple[Message, ProxySpec]:
+        visible = self.client_mask(server_round, self.partition_ids[node_id], purpose)
+        proxy, layout, spec = encode_proxy(
+            state, self.policy, visible, self.bit_width, self.block_size, self.update_bit_width
+        )
+        content = RecordDict(
+            {PROXY_RECORD: proxy, LAYOUT_RECORD: layout, self.configrecord_key: config}
+        )
+        return Message(content=content, message_type=message_type, dst_node_id=node_id), spec
+
+    def _on_device(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in arrays.to_torch_state_dict().items()}
 
     def _train_messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
     ) -> list[Message]:
         self._global = arrays.to_torch_state_dict()
-        messages, self._sent = self._proxy_messages(
-            server_round, arrays, config, node_ids, MessageType.TRAIN, _TRAIN
-        )
-        if not messages:
-            return messages
         if self._exposure is None:
             self._exposure = ExposureTracker(self._global, self.policy)
-        # Everything below looks at what the messages carry, decoded as a client would.
-        proxies = [
-            decode_proxy(m.content[PROXY_RECORD], m.content[LAYOUT_RECORD]) for m in messages
-        ]
+        state = self._on_device(arrays)
         masked = list(self.policy.unit_axes)
-        sims = [similarity(to_global_units(p), self._global, masked) for p in proxies]
-        for proxy in proxies:
-            self._exposure.add(proxy)
-        self._log_round(
-            server_round,
-            **{k: sum(s[k] for s in sims) / len(sims) for k in sims[0]},
-            exposure=self._exposure.exposure,
-        )
-        if self.proxy_evaluate_fn is not None:
-            accuracies = [self.proxy_evaluate_fn(p.state) for p in proxies]
+        messages: list[Message] = []
+        self._sent = {}
+        sims: dict[str, float] = {}
+        accuracies: list[float] = []
+        # One proxy at a time: only the messages (what Flower sends) pile up, not
+        # the decoded dense proxies, which are as large as the model each.
+        for node_id in node_ids:
+            message, self._sent[node_id] = self._proxy_message(
+                state, server_round, node_id, config, MessageType.TRAIN, _TRAIN
+            )
+            messages.append(message)
+            if not self.privacy_metrics and self.proxy_evaluate_fn is None:
+                continue
+            # Everything below looks at what the message carries, decoded as a client would.
+            proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
+            if self.privacy_metrics:
+                for key, value in similarity(to_global_units(proxy), self._global, masked).items():
+                    sims[key] = sims.get(key, 0.0) + value / len(node_ids)
+                self._exposure.add(proxy)
+            if self.proxy_evaluate_fn is not None:
+                accuracies.append(self.proxy_evaluate_fn(proxy.state))
+        if messages and self.privacy_metrics:
+            self._log_round(server_round, **sims, exposure=self._exposure.exposure)
+        if accuracies:
             self._log_round(server_round, proxy_accuracy=sum(accuracies) / len(accuracies))
         return messages
 
@@ -553,14 +581,18 @@ class FedQSN(MeasuredFedAvg):
     def _evaluate_messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
     ) -> list[Message]:
-        messages, _ = self._proxy_messages(
-            server_round, arrays, config, node_ids, MessageType.EVALUATE, _EVALUATE
-        )
-        if messages and self._exposure is not None:
-            # evaluation proxies carry other client masks: they count as exposed too
-            for message in messages:
+        state = self._on_device(arrays)
+        messages = []
+        for node_id in node_ids:
+            message, _ = self._proxy_message(
+                state, server_round, node_id, config, MessageType.EVALUATE, _EVALUATE
+            )
+            messages.append(message)
+            if self.privacy_metrics and self._exposure is not None:
+                # evaluation proxies carry other client masks: they count as exposed too
                 content = message.content
                 self._exposure.add(decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD]))
+        if messages and self.privacy_metrics and self._exposure is not None:
             self._log_round(server_round, exposure=self._exposure.exposure)
         return messages
 
@@ -621,6 +653,20 @@ class FedQSN(MeasuredFedAvg):
         deltas = decode_update(content.array_records[UPDATE_RECORD], spec, self.policy)
         return ClientUpdate(deltas=deltas, visible=spec.visible, weight=float(weight))
 
+    def _aggregate_on_device(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return apply_updates(self._global, updates, self.policy)
+        moved = [
+            ClientUpdate(
+                deltas={k: d.to(self.device) for k, d in u.deltas.items()},
+                visible={k: v.to(self.device) for k, v in u.visible.items()},
+                weight=u.weight,
+            )
+            for u in updates
+        ]
+        state = {k: v.to(self.device) for k, v in self._global.items()}
+        return {k: v.cpu() for k, v in apply_updates(state, moved, self.policy).items()}
+
     def _aggregate_valid(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -642,7 +688,7 @@ class FedQSN(MeasuredFedAvg):
         if not updates:
             log(WARNING, "Round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        state = apply_updates(self._global, updates, self.policy)
+        state = self._aggregate_on_device(updates)
         total = sum(w for _, w in losses)
         metrics = MetricRecord(
             {"train-loss": sum(loss * w for loss, w in losses) / total} if total else {}

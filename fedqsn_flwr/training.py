@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .data import Split
+
+#: Values the ``device`` config key accepts.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device a ``device`` config value names (``auto``: CUDA when present)."""
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live."""
+    return next(model.parameters()).device
 
 
 def train(
@@ -33,7 +59,8 @@ def train(
     order_rng = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu else {}
-    frozen = {name: mask for name, mask in (frozen or {}).items() if name in params}
+    device = model_device(model)
+    frozen = {name: mask.to(device) for name, mask in (frozen or {}).items() if name in params}
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -43,7 +70,7 @@ def train(
         for start in range(0, len(data), batch_size):
             rows = order[start : start + batch_size]
             optimizer.zero_grad()
-            loss = loss_fn(model(data.x[rows]), data.y[rows])
+            loss = loss_fn(model(data.x[rows].to(device)), data.y[rows].to(device))
             objective = loss
             if anchor:
                 drift = sum((params[n] - a).pow(2).sum() for n, a in anchor.items())
@@ -63,9 +90,11 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> tuple[floa
     if len(data) == 0:
         return float("nan"), float("nan")
     model.eval()
+    device = model_device(model)
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
-        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        x = data.x[start : start + batch_size].to(device)
+        y = data.y[start : start + batch_size].to(device)
         logits = model(x)
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())

@@ -2,8 +2,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
-from fedqsn_flwr.config import DEFAULTS, SPEC, ConfigError, resolve
+from fedqsn_flwr.config import DEFAULTS, SPEC, ConfigError, resolve, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +121,26 @@ def test_pyproject_components_are_the_root_apps():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server_app:app", "clientapp": "client_app:app"}
     assert isinstance(server_app.app, ServerApp) and isinstance(client_app.app, ClientApp)
+
+
+def test_device_key_is_checked_and_auto_picks_what_exists():
+    from fedqsn_flwr.training import pick_device
+
+    for bad in ("gpu", "cuda:x", "CPU", ""):
+        with pytest.raises(ConfigError, match="device"):
+            validate({**DEFAULTS, "device": bad})
+    assert validate({**DEFAULTS, "device": "cuda:1"})["device"] == "cuda:1"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+def test_update_bit_width_key_allows_32_16_and_nf_bits():
+    for good in (32, 16, 2, 8):
+        assert validate({**DEFAULTS, "update-bit-width": good})["update-bit-width"] == good
+    for bad in (1, 9, 12, 64):
+        with pytest.raises(ConfigError, match="update-bit-width"):
+            validate({**DEFAULTS, "update-bit-width": bad})

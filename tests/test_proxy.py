@@ -13,12 +13,13 @@ from fedqsn_flwr.masking import (
 from fedqsn_flwr.models import build_model
 from fedqsn_flwr.proxy import (
     InvalidUpdate,
+    compact_scales,
     decode_proxy,
     decode_update,
     encode_proxy,
     encode_update,
 )
-from fedqsn_flwr.quantization import dequantize, quantize
+from fedqsn_flwr.quantization import dequantize, normal_float_codebook, quantize
 
 
 def _setup(p1=0.3, p2=0.2):
@@ -47,7 +48,8 @@ def test_proxy_round_trip_equals_masked_quantized_model(bits, block_size):
         axis = policy.unit_axes.get(name)
         values = tensor if axis is None else tensor.index_select(axis, visible[name])
         codes, scales = quantize(values, bits, block_size)
-        expected = dequantize(codes, scales, bits, block_size).view(values.shape)
+        sent_scales = compact_scales(scales).to(torch.float32)
+        expected = dequantize(codes, sent_scales, bits, block_size).view(values.shape)
         got_values = got if axis is None else got.index_select(axis, visible[name])
         assert torch.equal(got_values, expected)
     for name in policy.unit_axes:
@@ -94,3 +96,90 @@ def test_bad_updates_are_rejected_with_a_reason(mutate, reason):
     update = encode_update(proxy.state, proxy)
     with pytest.raises(InvalidUpdate, match=reason):
         decode_update(mutate(update), spec, policy)
+
+
+def _half_max_gap(bits):
+    levels = normal_float_codebook(bits)
+    return float((levels[1:] - levels[:-1]).max()) / 2 * (1 + 2**-10)
+
+
+@pytest.mark.parametrize("update_bits", [32, 16, 8, 4])
+def test_compact_updates_decode_close_to_the_float32_update(update_bits):
+    # NF-k error is at most half the widest gap between levels, times the block's
+    # absmax (<= the tensor's); float16 rounds to 11 significant bits.
+    tolerance = {32: 0.0, 16: 2**-11}.get(update_bits)
+    if tolerance is None:
+        tolerance = _half_max_gap(update_bits)
+    _, policy, state, visible = _setup()
+    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bits)
+    proxy = decode_proxy(arrays, layout)
+    assert proxy.update_bit_width == update_bits
+    generator = torch.Generator().manual_seed(1)
+    trained = {
+        k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in proxy.state.items()
+    }
+    exact = decode_update(
+        encode_update(trained, _with_bits(proxy, 32)), _spec_bits(spec, 32), policy
+    )
+    update = encode_update(trained, proxy)
+    got = decode_update(update, spec, policy)
+    for name, delta in exact.items():
+        error = (got[name] - delta).abs().max() / delta.abs().max()
+        assert error <= tolerance, (name, float(error))
+    size = sum(update[k].numpy().nbytes for k in update.keys())
+    size32 = sum(d.numel() * 4 for d in exact.values())
+    assert size <= size32 * (update_bits / 32 + 0.07)
+
+
+def _with_bits(proxy, bits):
+    from dataclasses import replace
+
+    return replace(proxy, update_bit_width=bits)
+
+
+def _spec_bits(spec, bits):
+    from dataclasses import replace
+
+    return replace(spec, update_bit_width=bits)
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda u: _bad(u, "fc1.bias/scales", np.full(2, np.nan, np.float16)), "NaN"),
+        (lambda u: _bad(u, "fc1.bias/scales", np.ones(5, np.float16)), "scales"),
+        (lambda u: _bad(u, "fc1.bias/codes", np.zeros(3, np.uint8)), "codes"),
+        (lambda u: _bad(u, "fc1.bias/codes", np.zeros(64, np.float32)), "codes"),
+        (lambda u: _bad(u, "fc1.bias/scales", None), "missing"),
+        (lambda u: _bad(u, "fc1.bias", np.zeros(128, np.float32)), "unexpected"),
+    ],
+)
+def test_bad_quantized_updates_are_rejected_with_a_reason(mutate, reason):
+    _, policy, state, visible = _setup()
+    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bit_width=4)
+    proxy = decode_proxy(arrays, layout)
+    update = encode_update(proxy.state, proxy)
+    with pytest.raises(InvalidUpdate, match=reason):
+        decode_update(mutate(update), spec, policy)
+
+
+def test_float16_update_with_float32_array_is_rejected():
+    _, policy, state, visible = _setup()
+    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bit_width=16)
+    update = encode_update(decode_proxy(arrays, layout).state, decode_proxy(arrays, layout))
+    with pytest.raises(InvalidUpdate, match="float16"):
+        decode_update(_bad(update, "fc1.bias", np.zeros(128, np.float32)), spec, policy)
+
+
+def test_scales_fall_back_to_float32_when_float16_would_lose_them():
+    normal = torch.tensor([0.0, 1e-3, 2.0, 60000.0])
+    assert compact_scales(normal).dtype == torch.float16
+    for extreme in (1e-6, 1e5):
+        assert compact_scales(torch.tensor([0.5, extreme])).dtype == torch.float32
+
+
+def test_unknown_update_bit_width_is_refused():
+    _, policy, state, visible = _setup()
+    with pytest.raises(ValueError, match="update bit width"):
+        encode_proxy(state, policy, visible, 4, 64, update_bit_width=12)

@@ -1,0 +1,89 @@
+"""The compiled quantizer equals the reference tensor code bit for bit."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedqsn_flwr import kernels
+from fedqsn_flwr.quantization import (
+    _midpoints,
+    dequantize,
+    dequantize_packed,
+    pack_bits,
+    quantize,
+    quantize_packed,
+    unpack_bits,
+)
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+
+
+def _hard_values(bit_width: int, block_size: int, seed: int = 0) -> torch.Tensor:
+    """Random values plus, in every block, values exactly at and next to the midpoints."""
+    generator = torch.Generator().manual_seed(seed)
+    mids = _midpoints(bit_width)
+    edges = torch.cat(
+        [
+            mids,
+            torch.nextafter(mids, torch.full_like(mids, 2.0)),
+            torch.nextafter(mids, torch.full_like(mids, -2.0)),
+            torch.tensor([-1.0, 0.0, 1.0]),
+        ]
+    )
+    parts = [torch.randn(3001, generator=generator) * 3]
+    # Whole blocks whose absmax is 1, so the normalized values hit the midpoints exactly.
+    for start in range(0, edges.numel(), max(block_size - 1, 1)):
+        chunk = edges[start : start + max(block_size - 1, 1)]
+        block = torch.cat([torch.ones(1), chunk])[:block_size]
+        parts.append(torch.cat([block, torch.zeros(block_size - block.numel())]))
+    parts.append(torch.zeros(block_size))  # an all-zero block
+    parts.append(torch.randn(block_size, generator=generator) * 1e-30)  # tiny scales
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("bit_width", range(2, 9))
+@pytest.mark.parametrize("block_size", [1, 7, 64, 1000])
+def test_kernels_equal_the_reference_bit_for_bit(bit_width, block_size):
+    values = _hard_values(bit_width, block_size)
+    codes, scales = quantize(values, bit_width, block_size)
+    reference_packed = pack_bits(codes, bit_width)
+    packed, fast_scales = quantize_packed(values, bit_width, block_size, backend="numba")
+    assert torch.equal(fast_scales, scales)
+    assert torch.equal(packed, reference_packed)
+    reference_values = dequantize(
+        unpack_bits(packed, bit_width, values.numel()), scales, bit_width, block_size
+    )
+    fast_values = dequantize_packed(
+        packed, scales, bit_width, block_size, values.numel(), backend="numba"
+    )
+    assert torch.equal(fast_values, reference_values)
+
+
+def test_torch_backend_is_the_reference():
+    values = torch.randn(999)
+    packed, scales = quantize_packed(values, 3, 64, backend="torch")
+    codes, ref_scales = quantize(values, 3, 64)
+    assert torch.equal(packed, pack_bits(codes, 3)) and torch.equal(scales, ref_scales)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_kernels_refuse_nan_and_inf(bad):
+    values = torch.randn(200)
+    values[130] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_packed(values, 4, 64, backend="numba")
+
+
+def test_kernels_check_sizes():
+    packed, scales = quantize_packed(torch.randn(100), 4, 64)
+    with pytest.raises(ValueError, match="packed bytes"):
+        dequantize_packed(packed[:-1], scales, 4, 64, 100)
+    with pytest.raises(ValueError, match="scales"):
+        dequantize_packed(packed, scales[:1], 4, 64, 100)
+
+
+def test_search_grid_is_finer_than_half_the_smallest_gap():
+    for bit_width in range(2, 9):
+        mids = _midpoints(bit_width).double().numpy()
+        cell_counts, _ = kernels._search_tables(tuple(float(m) for m in mids))
+        assert 2.0 / cell_counts.size <= np.diff(mids).min() / 2
