@@ -128,10 +128,21 @@ if AVAILABLE:
                     out[i] = levels[code] * scales[block]
 
 
+    # Starting the thread pool costs ~10 us per call: more than the whole work
+    # on the small tensors of small models (biases, first layers).
+    _block_absmax_serial = njit(cache=True)(_block_absmax.py_func)
+    _quantize_pack_serial = njit(cache=True)(_quantize_pack.py_func)
+    _dequantize_unpack_serial = njit(cache=True)(_dequantize_unpack.py_func)
+
+#: Below this many values the kernels run on one thread.
+PARALLEL_THRESHOLD = 1 << 16
+
+
 def block_absmax(flat: np.ndarray, block_size: int) -> np.ndarray:
     """Absolute maximum of every block of a flat float32 array (Inf marks NaN/Inf)."""
     out = np.empty((flat.size + block_size - 1) // block_size, dtype=np.float32)
-    _block_absmax(flat, block_size, out)
+    kernel = _block_absmax if flat.size >= PARALLEL_THRESHOLD else _block_absmax_serial
+    kernel(flat, block_size, out)
     return out
 
 
@@ -157,7 +168,8 @@ def quantize_pack(
     """NF-k codes of a flat float32 array, bit-packed MSB first."""
     cell_counts, bounds = _search_tables(tuple(float(m) for m in midpoints))
     out = np.empty((flat.size * bit_width + 7) // 8, dtype=np.uint8)
-    _quantize_pack(flat, scales, cell_counts, bounds, bit_width, block_size, out)
+    kernel = _quantize_pack if flat.size >= PARALLEL_THRESHOLD else _quantize_pack_serial
+    kernel(flat, scales, cell_counts, bounds, bit_width, block_size, out)
     return out
 
 
@@ -171,5 +183,6 @@ def dequantize_unpack(
 ) -> np.ndarray:
     """Inverse of :func:`quantize_pack`: ``count`` float32 values."""
     out = np.empty(count, dtype=np.float32)
-    _dequantize_unpack(packed, scales, levels, bit_width, block_size, out)
+    kernel = _dequantize_unpack if count >= PARALLEL_THRESHOLD else _dequantize_unpack_serial
+    kernel(packed, scales, levels, bit_width, block_size, out)
     return out

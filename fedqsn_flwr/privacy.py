@@ -42,23 +42,48 @@ def _flat(state: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([state[n].reshape(-1).to(torch.float64) for n in names])
 
 
+class SimilarityReference:
+    """The global model flattened once, to compare many proxies with it (see :func:`similarity`).
+
+    Parameters
+    ----------
+    global_state : Mapping[str, torch.Tensor]
+        The global model.
+    masked : list[str]
+        Masked tensors (the ``*_masked`` figures).
+
+    """
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], masked: list[str]) -> None:
+        names = [n for n, t in global_state.items() if t.is_floating_point()]
+        self.subsets = {"all": names, "masked": [n for n in names if n in masked]}
+        self.flat = {k: _flat(global_state, v) for k, v in self.subsets.items()}
+        self.norms = {k: float(v.norm()) for k, v in self.flat.items()}
+
+    def __call__(self, proxy: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Cosine similarity and relative L2 distance of ``proxy`` to the global model."""
+        out: dict[str, float] = {}
+        for suffix, subset in self.subsets.items():
+            b = self.flat[suffix]
+            if b.numel() == 0:
+                out[f"cosine_{suffix}"] = float("nan")
+                out[f"rel_l2_{suffix}"] = float("nan")
+                continue
+            a = _flat(proxy, subset)
+            a_norm, b_norm = float(a.norm()), self.norms[suffix]
+            cosine = float(a @ b) / max(a_norm * b_norm, 1e-300)
+            out[f"cosine_{suffix}"] = cosine
+            out[f"rel_l2_{suffix}"] = float((a - b).norm()) / max(b_norm, 1e-12)
+        return out
+
+
 def similarity(
     proxy: Mapping[str, torch.Tensor],
     global_state: Mapping[str, torch.Tensor],
     masked: list[str],
 ) -> dict[str, float]:
     """Cosine similarity and relative L2 distance, overall and on ``masked`` tensors."""
-    names = [n for n, t in global_state.items() if t.is_floating_point()]
-    out: dict[str, float] = {}
-    for suffix, subset in (("all", names), ("masked", [n for n in names if n in masked])):
-        a, b = _flat(proxy, subset), _flat(global_state, subset)
-        if a.numel() == 0:
-            out[f"cosine_{suffix}"] = float("nan")
-            out[f"rel_l2_{suffix}"] = float("nan")
-            continue
-        out[f"cosine_{suffix}"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-        out[f"rel_l2_{suffix}"] = float((a - b).norm() / b.norm().clamp_min(1e-12))
-    return out
+    return SimilarityReference(global_state, masked)(proxy)
 
 
 class ExposureTracker:

@@ -39,7 +39,7 @@ from .masking import (
     draw_client_mask,
     draw_server_mask,
 )
-from .privacy import ExposureTracker, similarity, to_global_units
+from .privacy import ExposureTracker, SimilarityReference, to_global_units
 from .proxy import (
     LAYOUT_RECORD,
     PROXY_RECORD,
@@ -527,7 +527,7 @@ class FedQSN(MeasuredFedAvg):
         if self._exposure is None:
             self._exposure = ExposureTracker(self._global, self.policy)
         state = self._on_device(arrays)
-        masked = list(self.policy.unit_axes)
+        reference = SimilarityReference(self._global, list(self.policy.unit_axes))
         messages: list[Message] = []
         self._sent = {}
         sims: dict[str, float] = {}
@@ -544,7 +544,7 @@ class FedQSN(MeasuredFedAvg):
             # Everything below looks at what the message carries, decoded as a client would.
             proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
             if self.privacy_metrics:
-                for key, value in similarity(to_global_units(proxy), self._global, masked).items():
+                for key, value in reference(to_global_units(proxy)).items():
                     sims[key] = sims.get(key, 0.0) + value / len(node_ids)
                 self._exposure.add(proxy)
             if self.proxy_evaluate_fn is not None:

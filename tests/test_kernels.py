@@ -87,3 +87,15 @@ def test_search_grid_is_finer_than_half_the_smallest_gap():
         mids = _midpoints(bit_width).double().numpy()
         cell_counts, _ = kernels._search_tables(tuple(float(m) for m in mids))
         assert 2.0 / cell_counts.size <= np.diff(mids).min() / 2
+
+
+@pytest.mark.parametrize("bit_width", [2, 3, 4, 8])
+def test_parallel_kernels_equal_the_reference_on_large_tensors(bit_width):
+    values = torch.cat([_hard_values(bit_width, 64), torch.randn(kernels.PARALLEL_THRESHOLD)])
+    codes, scales = quantize(values, bit_width, 64)
+    packed, fast_scales = quantize_packed(values, bit_width, 64, backend="numba")
+    assert torch.equal(fast_scales, scales)
+    assert torch.equal(packed, pack_bits(codes, bit_width))
+    reference = dequantize(codes, scales, bit_width, 64)
+    fast = dequantize_packed(packed, scales, bit_width, 64, values.numel(), backend="numba")
+    assert torch.equal(fast, reference)

@@ -13,6 +13,7 @@ from fedqsn_flwr.masking import (
 from fedqsn_flwr.models import build_model
 from fedqsn_flwr.proxy import (
     InvalidUpdate,
+    array_values,
     compact_scales,
     decode_proxy,
     decode_update,
@@ -48,7 +49,9 @@ def test_proxy_round_trip_equals_masked_quantized_model(bits, block_size):
         axis = policy.unit_axes.get(name)
         values = tensor if axis is None else tensor.index_select(axis, visible[name])
         codes, scales = quantize(values, bits, block_size)
-        sent_scales = compact_scales(scales).to(torch.float32)
+        # all scales travel in one array: float16 if every one fits, else float32
+        scale_dtype = getattr(torch, arrays["proxy/scales"].dtype)
+        sent_scales = scales.to(scale_dtype).to(torch.float32)
         expected = dequantize(codes, sent_scales, bits, block_size).view(values.shape)
         got_values = got if axis is None else got.index_select(axis, visible[name])
         assert torch.equal(got_values, expected)
@@ -183,3 +186,61 @@ def test_unknown_update_bit_width_is_refused():
     _, policy, state, visible = _setup()
     with pytest.raises(ValueError, match="update bit width"):
         encode_proxy(state, policy, visible, 4, 64, update_bit_width=12)
+
+
+def _proxy_with(arrays, key, array):
+    out = {k: arrays[k] for k in arrays.keys()}
+    out[key] = Array(array)
+    return ArrayRecord(out)
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda a: _proxy_with(a, "proxy/codes", a["proxy/codes"].numpy()[:-1]), "too short"),
+        (
+            lambda a: _proxy_with(
+                a, "proxy/codes", np.concatenate([a["proxy/codes"].numpy(), np.zeros(1, np.uint8)])
+            ),
+            "too many",
+        ),
+        (
+            lambda a: _proxy_with(
+                a, "proxy/scales", np.full_like(a["proxy/scales"].numpy(), np.nan)
+            ),
+            "NaN",
+        ),
+        (
+            lambda a: _proxy_with(a, "proxy/units", np.zeros_like(a["proxy/units"].numpy())),
+            "no unit",
+        ),
+        (lambda a: _proxy_with(a, "proxy/units", a["proxy/units"].numpy()[:-2]), "units"),
+        (
+            lambda a: _proxy_with(a, "proxy/codes", a["proxy/codes"].numpy().astype(np.int16)),
+            "dtype",
+        ),
+    ],
+)
+def test_malformed_proxies_are_refused_with_a_reason(mutate, reason):
+    _, policy, state, visible = _setup()
+    arrays, layout, _ = encode_proxy(state, policy, visible, 4, 64)
+    with pytest.raises(ValueError, match=reason):
+        decode_proxy(mutate(arrays), layout)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(7, dtype=np.uint8),
+        np.ones((2, 0, 3), dtype=np.float16),
+        np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        np.arange(5, dtype=">i4"),
+        np.array(3.5, dtype=np.float32),
+    ],
+)
+def test_array_values_equal_flowers_own_parser(values):
+    array = Array(values)
+    got = array_values(array)
+    assert got.dtype == array.numpy().dtype and got.shape == array.numpy().shape
+    assert np.array_equal(got, array.numpy())
