@@ -38,6 +38,7 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import torch
 import yaml
 
 from .data import Split, load_client_data, load_server_data
+from .datasets import data_key
 from .masking import derive_seed
 from .models import build_model
 from .privacy import to_global_units
@@ -116,7 +118,9 @@ def finetune(
 
 
 def _pool(splits: Sequence[Split]) -> Split:
-    return Split(torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits]))
+    return replace(
+        splits[0], x=torch.cat([s.x for s in splits]), y=torch.cat([s.y for s in splits])
+    )
 
 
 def run_attacks(
@@ -134,10 +138,11 @@ def run_attacks(
             f"{run_dir} has no received/ messages; run with save-messages = true"
         )
     proxies = {key: received_model(content) for key, content in received.items()}
+    key = data_key(config)
     data = load_server_data(
-        config["dataset"], config["seed"], config["test-fraction"], config["pretrain-fraction"]
+        key, config["seed"], config["test-fraction"], config["pretrain-fraction"]
     )
-    model = build_model(config["model"], config["dropout"])
+    model = build_model(config["model"], config["dropout"], spec=data.spec)
     last: dict[int, Proxy] = {}
     for (_, kind, partition), proxy in sorted(proxies.items()):
         if kind == "train":
@@ -145,7 +150,7 @@ def run_attacks(
 
     def client_data(partition: int) -> Split:
         return load_client_data(
-            config["dataset"],
+            key,
             config["seed"],
             config["test-fraction"],
             config["pretrain-fraction"],
@@ -192,7 +197,9 @@ def run_attacks(
     )
 
     pooled = _pool([client_data(p) for p in sorted(last)])
-    public = build_model(config["model"], config["dropout"], seed=config["seed"]).state_dict()
+    public = build_model(
+        config["model"], config["dropout"], seed=config["seed"], spec=data.spec
+    ).state_dict()
     for name, fill in (("collusion", None), ("public_fill", public)):
         state, seen = collude(proxies, fill)
         floats = [n for n, t in state.items() if t.is_floating_point()]

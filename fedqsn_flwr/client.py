@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from .data import Split, load_client_data
+from .data import Split, input_spec, load_client_data
+from .datasets import data_key
 from .masking import derive_seed
 from .models import build_model
 from .proxy import PROXY_RECORD, UPDATE_RECORD, encode_update, received_model
@@ -41,7 +42,7 @@ def client_data(config: Mapping[str, Any], context: Context) -> tuple[Split, Spl
     """This node's (local train, local evaluation) splits."""
     partition_id, num_partitions = partition_of(context)
     return load_client_data(
-        config["dataset"],
+        data_key(config),
         config["seed"],
         config["test-fraction"],
         config["pretrain-fraction"],
@@ -49,6 +50,13 @@ def client_data(config: Mapping[str, Any], context: Context) -> tuple[Split, Spl
         num_partitions,
         config["partitioning"],
         config["dirichlet-alpha"],
+    )
+
+
+def _model(config: Mapping[str, Any]) -> torch.nn.Module:
+    spec = input_spec(data_key(config))
+    return build_model(config["model"], config["dropout"], spec=spec).to(
+        pick_device(config["device"])
     )
 
 
@@ -65,7 +73,7 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
     train_split, _ = client_data(config, context)
     proxy = received_model(message.content)
     settings = message.content["config"]
-    model = build_model(config["model"], config["dropout"]).to(pick_device(config["device"]))
+    model = _model(config)
     model.load_state_dict(proxy.state)
     partition_id, _ = partition_of(context)
     loss = train(
@@ -90,7 +98,7 @@ def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any
     """Evaluate the received proxy on the local evaluation split."""
     torch.set_num_threads(1)
     _, eval_split = client_data(config, context)
-    model = build_model(config["model"], config["dropout"]).to(pick_device(config["device"]))
+    model = _model(config)
     model.load_state_dict(received_model(message.content).state)
     loss, accuracy = evaluate(model, eval_split)
     metrics = MetricRecord({"num-examples": len(eval_split), "loss": loss, "accuracy": accuracy})

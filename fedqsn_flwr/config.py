@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from .data import DATASETS, PARTITIONINGS
-from .models import MODELS
+from .models import MODELS, is_factory_path
 from .proxy import UPDATE_BIT_WIDTHS
 from .quantization import MAX_BIT_WIDTH, MIN_BIT_WIDTH
 from .training import DEVICE_PATTERN
@@ -132,12 +132,40 @@ SPEC: dict[str, Key] = {
         lambda v: isinstance(v, bool),
         "also mask the first layer's input features (raw pixels)",
     ),
-    "dataset": _choice("digits", DATASETS, "dataset (digits ships with scikit-learn)"),
+    "dataset": Key(
+        "digits",
+        str,
+        f"one of {list(DATASETS)} or 'package.module:loader'",
+        lambda v: v in DATASETS or is_factory_path(v),
+        "data set (digits ships with scikit-learn; see Data sets and models)",
+    ),
+    "data-dir": Key(
+        "",
+        str,
+        "empty or a folder path",
+        lambda v: True,
+        "local copy of the data set (torchvision layout, or train.csv/jsonl for 'text')",
+    ),
+    "vocab-size": _integer(8192, 2, "text: hash buckets of the tokenizer (token ids)"),
+    "max-length": _integer(64, 1, "text: tokens per example (longer texts are cut)"),
     "partitioning": _choice("iid", PARTITIONINGS, "how the client pool is split across nodes"),
     "dirichlet-alpha": _positive(
         0.5, "label concentration for dirichlet partitioning (smaller = more skew)"
     ),
-    "model": _choice("cnn", sorted(MODELS), "model architecture"),
+    "model": Key(
+        "cnn",
+        str,
+        f"one of {sorted(MODELS)} or 'package.module:factory'",
+        lambda v: v in MODELS or is_factory_path(v),
+        "model architecture (see Data sets and models)",
+    ),
+    "initial-model": Key(
+        "",
+        str,
+        "empty or a state-dict file path (torch.save)",
+        lambda v: True,
+        "the server's starting weights; pretraining (if any) continues from them",
+    ),
     "dropout": _fraction(
         0.2, 0, 1, False, True, "dropout on the masked hidden features (pretraining and clients)"
     ),

@@ -1,11 +1,13 @@
-"""Datasets and partitions. The default, ``digits``, ships with scikit-learn.
+"""Splits and partitions: who holds which examples.
 
-scikit-learn's handwritten digits (1,797 real 8x8 grey images, 10 classes) are
-split once per seed into three disjoint parts:
+A data set (:mod:`fedqsn_flwr.datasets`; the default, ``digits``, ships with
+scikit-learn) is split once per seed into three disjoint parts:
 
-* a server-held **test** set (``test-fraction``), for every evaluation;
-* a server-private **pretraining** set (``pretrain-fraction``), on which the
-  server trains its proprietary starting model;
+* a server-held **test** set: the data set's own test split when it has one,
+  else ``test-fraction`` of the examples (digits, a text file without
+  ``test.*``), for every evaluation;
+* a server-private **pretraining** set (``pretrain-fraction`` of the training
+  examples), on which the server trains its proprietary starting model;
 * the **client pool** (the rest), cut into ``num-partitions`` client partitions
   with flwr-datasets' ``IidPartitioner`` or ``DirichletPartitioner`` (non-IID by
   label, ``dirichlet-alpha``). Each partition keeps 20% aside for the client's
@@ -17,26 +19,42 @@ client, which is how both sides agree without exchanging data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-DATASETS = ("digits",)
+from .datasets import DATASETS, DataKey, RawData, load_raw
+from .models import InputSpec
+
+__all__ = [
+    "DATASETS",
+    "PARTITIONINGS",
+    "DataKey",
+    "ServerData",
+    "Split",
+    "load_client_data",
+    "load_server_data",
+]
+
 PARTITIONINGS = ("iid", "dirichlet")
 LOCAL_EVAL_FRACTION = 0.2
-# Mean and standard deviation of all digits pixels (scaled to [0, 1]); standardising
-# the input makes SGD from a random start several times faster on this data.
-PIXEL_MEAN, PIXEL_STD = 0.3054, 0.3762
 
 
 @dataclass(frozen=True)
 class Split:
-    """Standardised images ``x`` (N, 1, 8, 8) and integer labels ``y`` (N,)."""
+    """Examples ``x`` and integer labels ``y``.
+
+    ``x`` holds float features, uint8 images (N, C, H, W) -- standardized per
+    channel with ``mean``/``std`` when a batch is taken, so a CIFAR-10 pool stays
+    a quarter of its float32 size in memory -- or int64 token ids (N, T).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.y.numel())
@@ -44,7 +62,17 @@ class Split:
     def subset(self, index: np.ndarray) -> Split:
         """The rows at ``index``."""
         rows = torch.as_tensor(index, dtype=torch.long)
-        return Split(self.x[rows], self.y[rows])
+        return replace(self, x=self.x[rows], y=self.y[rows])
+
+    def inputs(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Model inputs of ``rows``, standardized when ``x`` holds raw pixels."""
+        x = self.x[rows]
+        if self.mean is None or self.std is None:
+            return x
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32).view(shape)
+        return (x.to(torch.float32) / 255.0 - mean) / std
 
 
 @dataclass(frozen=True)
@@ -54,32 +82,64 @@ class ServerData:
     test: Split
     pretrain: Split
     pool: Split
+    spec: InputSpec
+
+
+def _as_key(dataset: str | DataKey) -> DataKey:
+    return dataset if isinstance(dataset, DataKey) else DataKey(dataset)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    scaled = images.to(torch.float64) / 255.0
+    dims = [0, *range(2, images.dim())]
+    mean = scaled.mean(dim=dims)
+    std = scaled.std(dim=dims).clamp_min(1e-6)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _splits(raw: RawData) -> tuple[Split, Split | None]:
+    stats: dict[str, tuple[float, ...]] = {}
+    if raw.train_x.dtype == torch.uint8:
+        mean, std = _channel_stats(raw.train_x)
+        stats = {"mean": mean, "std": std}
+    train = Split(raw.train_x, raw.train_y, **stats)
+    test = None
+    if raw.test_x is not None and raw.test_y is not None:
+        test = Split(raw.test_x, raw.test_y, **stats)
+    return train, test
+
+
+@lru_cache(maxsize=1)
+def _raw(key: DataKey) -> RawData:
+    return load_raw(key)
 
 
 @lru_cache(maxsize=8)
 def load_server_data(
-    dataset: str, seed: int, test_fraction: float, pretrain_fraction: float
+    dataset: str | DataKey, seed: int, test_fraction: float, pretrain_fraction: float
 ) -> ServerData:
     """Split ``dataset`` into test / pretraining / client pool for ``seed``."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset '{dataset}'; allowed: {list(DATASETS)}")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    full = Split(
-        torch.tensor(
-            (digits.images / 16.0 - PIXEL_MEAN) / PIXEL_STD, dtype=torch.float32
-        ).unsqueeze(1),
-        torch.tensor(digits.target, dtype=torch.long),
-    )
+    raw = _raw(_as_key(dataset))
+    full, own_test = _splits(raw)
     order = np.random.default_rng(seed).permutation(len(full))
-    n_test = round(test_fraction * len(full))
+    if own_test is None:
+        n_test = round(test_fraction * len(full))
+        test = full.subset(order[:n_test])
+        order = order[n_test:]
+    else:
+        test = own_test
     n_pretrain = round(pretrain_fraction * len(full))
     return ServerData(
-        test=full.subset(order[:n_test]),
-        pretrain=full.subset(order[n_test : n_test + n_pretrain]),
-        pool=full.subset(order[n_test + n_pretrain :]),
+        test=test,
+        pretrain=full.subset(order[:n_pretrain]),
+        pool=full.subset(order[n_pretrain:]),
+        spec=raw.spec,
     )
+
+
+def input_spec(dataset: str | DataKey) -> InputSpec:
+    """Input shape and number of classes of ``dataset`` (loads it once per process)."""
+    return _raw(_as_key(dataset)).spec
 
 
 def _partition_indices(
@@ -109,7 +169,7 @@ def _partition_indices(
 
 @lru_cache(maxsize=64)
 def load_client_data(
-    dataset: str,
+    dataset: str | DataKey,
     seed: int,
     test_fraction: float,
     pretrain_fraction: float,

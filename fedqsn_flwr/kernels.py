@@ -30,7 +30,13 @@ try:
 except ImportError:  # pragma: no cover - exercised only without numba
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "block_absmax", "dequantize_unpack", "quantize_pack"]
+__all__ = [
+    "AVAILABLE",
+    "block_absmax",
+    "dequantize_scatter",
+    "dequantize_unpack",
+    "quantize_pack",
+]
 
 if AVAILABLE:
 
@@ -127,12 +133,62 @@ if AVAILABLE:
                     code = (acc >> shift) & mask
                     out[i] = levels[code] * scales[block]
 
+    @njit(parallel=True, cache=True)
+    def _dequantize_scatter(
+        packed: np.ndarray,
+        scales: np.ndarray,
+        levels: np.ndarray,
+        bit_width: int,
+        block_size: int,
+        count: int,
+        units: np.ndarray,
+        num_units: int,
+        inner: int,
+        out: np.ndarray,
+    ) -> None:
+        # The codes are the visible slice (outer, len(units), inner) in row-major
+        # order; value (o, v, k) lands at (o, units[v], k) of the dense
+        # (outer, num_units, inner) output. Counters replace per-value divisions.
+        mask = np.uint64((1 << bit_width) - 1)
+        visible = units.size
+        num_groups = (count + 7) // 8
+        for group in prange(num_groups):
+            acc = np.uint64(0)
+            base = group * bit_width
+            for t in range(bit_width):
+                byte = packed[base + t] if base + t < packed.size else np.uint8(0)
+                acc = (acc << np.uint64(8)) | np.uint64(byte)
+            first = group * 8
+            block = first // block_size
+            boundary = (block + 1) * block_size
+            o = first // (visible * inner)
+            rest = first - o * visible * inner
+            v = rest // inner
+            k = rest - v * inner
+            for j in range(8):
+                i = first + j
+                if i >= count:
+                    break
+                if i >= boundary:
+                    block += 1
+                    boundary += block_size
+                shift = np.uint64(bit_width * (7 - j))
+                code = (acc >> shift) & mask
+                out[(o * num_units + units[v]) * inner + k] = levels[code] * scales[block]
+                k += 1
+                if k == inner:
+                    k = 0
+                    v += 1
+                    if v == visible:
+                        v = 0
+                        o += 1
 
     # Starting the thread pool costs ~10 us per call: more than the whole work
     # on the small tensors of small models (biases, first layers).
     _block_absmax_serial = njit(cache=True)(_block_absmax.py_func)
     _quantize_pack_serial = njit(cache=True)(_quantize_pack.py_func)
     _dequantize_unpack_serial = njit(cache=True)(_dequantize_unpack.py_func)
+    _dequantize_scatter_serial = njit(cache=True)(_dequantize_scatter.py_func)
 
 #: Below this many values the kernels run on one thread.
 PARALLEL_THRESHOLD = 1 << 16
@@ -186,3 +242,38 @@ def dequantize_unpack(
     kernel = _dequantize_unpack if count >= PARALLEL_THRESHOLD else _dequantize_unpack_serial
     kernel(packed, scales, levels, bit_width, block_size, out)
     return out
+
+
+def dequantize_scatter(
+    packed: np.ndarray,
+    scales: np.ndarray,
+    levels: np.ndarray,
+    bit_width: int,
+    block_size: int,
+    shape: tuple[int, ...],
+    axis: int,
+    units: np.ndarray,
+) -> np.ndarray:
+    """The dense float32 tensor of ``shape`` whose ``units`` along ``axis`` hold the values.
+
+    ``packed``/``scales`` encode the visible slice (``shape`` with ``len(units)``
+    along ``axis``); every other unit is zero.
+    """
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1 :])
+    count = outer * units.size * inner
+    out = np.zeros(math.prod(shape), dtype=np.float32)
+    kernel = _dequantize_scatter if count >= PARALLEL_THRESHOLD else _dequantize_scatter_serial
+    kernel(
+        packed,
+        scales,
+        levels,
+        bit_width,
+        block_size,
+        count,
+        units.astype(np.int64),
+        shape[axis],
+        inner,
+        out,
+    )
+    return out.reshape(shape)

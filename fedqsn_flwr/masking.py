@@ -78,25 +78,35 @@ class MaskPolicy:
 def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPolicy:
     """Build the default :class:`MaskPolicy` for ``model``.
 
-    Every ``Linear``/``Conv`` weight is masked along axis 1 (its input features or
-    channels), except the first such layer unless ``mask_input_layer`` is set.
-    Every floating-point tensor is quantized.
+    If the model defines ``fedqsn_unit_axes()`` (state-dict name -> unit axis),
+    exactly those tensors are masked. Otherwise every ``Linear``/``Conv`` weight
+    is masked along axis 1 (its input features or channels), except the first
+    such layer -- whose input is the raw data -- unless ``mask_input_layer`` is
+    set. Every floating-point *parameter* is quantized; floating-point buffers
+    (BatchNorm's running statistics) travel in float32, because rounding a running
+    variance to a 4-bit level can make it zero.
     """
     unit_axes: dict[str, int] = {}
-    unit_counts: dict[str, int] = {}
-    first = True
-    for module_name, module in model.named_modules():
-        if not isinstance(module, _WEIGHT_LAYERS):
-            continue
-        if first and not mask_input_layer:
+    state = model.state_dict()
+    declared = getattr(model, "fedqsn_unit_axes", None)
+    if callable(declared):
+        unit_axes = dict(declared())
+        unknown = sorted(set(unit_axes) - set(state))
+        if unknown:
+            raise ValueError(f"fedqsn_unit_axes() names tensors the model does not have: {unknown}")
+    else:
+        first = True
+        for module_name, module in model.named_modules():
+            if not isinstance(module, _WEIGHT_LAYERS):
+                continue
+            if first and not mask_input_layer:
+                first = False
+                continue
             first = False
-            continue
-        first = False
-        name = f"{module_name}.weight" if module_name else "weight"
-        unit_axes[name] = 1
-        unit_counts[name] = int(module.weight.shape[1])
+            unit_axes[f"{module_name}.weight" if module_name else "weight"] = 1
+    unit_counts = {name: int(state[name].shape[axis]) for name, axis in unit_axes.items()}
     quantized = frozenset(
-        name for name, tensor in model.state_dict().items() if tensor.is_floating_point()
+        name for name, tensor in model.named_parameters() if tensor.is_floating_point()
     )
     return MaskPolicy(unit_axes=unit_axes, unit_counts=unit_counts, quantized=quantized)
 

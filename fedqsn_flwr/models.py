@@ -1,72 +1,271 @@
-"""Models by name. Dropout sits exactly where the mask policy hides units.
+"""Models by name, sized from the data they are built for.
 
-Pretraining with dropout on the same hidden features that FedQSN masks makes the
-model robust to losing them (a quick experiment on digits: far less accuracy lost
-under unit masks than without dropout), so each model applies dropout to the
-input of every weight layer but the first.
+Dropout sits exactly where the mask policy hides units: pretraining with dropout
+on the same hidden features that FedQSN masks makes the model robust to losing
+them (a quick experiment on digits: far less accuracy lost under unit masks than
+without dropout), so each model applies dropout to the input of every masked
+layer.
+
+A model may define ``fedqsn_unit_axes() -> dict[str, int]`` (state-dict name ->
+unit axis) to say which of its tensors are masked and along which axis; without
+it, :func:`fedqsn_flwr.masking.policy_for_model` masks the input features of
+every ``Linear``/``Conv`` layer but the first (whose input is the raw data).
+
+``model`` may also be ``"package.module:factory"``: any importable callable that
+takes keyword arguments ``spec`` (:class:`InputSpec`) and ``dropout`` and returns
+a ``torch.nn.Module`` -- the way to run FedQSN on your own architecture.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-NUM_CLASSES = 10
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model's input and output look like.
+
+    Parameters
+    ----------
+    kind : str
+        ``"image"`` (float tensors of ``shape``) or ``"text"`` (token ids).
+    shape : tuple[int, ...]
+        One example's shape: (channels, height, width) for images, (length,) for
+        token sequences.
+    num_classes : int
+        Output logits.
+    vocab_size : int (default: 0)
+        Token ids are in ``[0, vocab_size)`` (text only; 0 is padding).
+
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    num_classes: int
+    vocab_size: int = 0
 
 
-class DigitsCNN(nn.Module):
-    """Two 3x3 conv layers and two linear layers for 1x8x8 images."""
+#: scikit-learn's digits: 1 x 8 x 8 images, 10 classes.
+DIGITS_SPEC = InputSpec("image", (1, 8, 8), 10)
 
-    def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.2) -> None:
+
+def _image_shape(spec: InputSpec, model: str) -> tuple[int, int, int]:
+    if spec.kind != "image" or len(spec.shape) != 3:
+        raise ValueError(f"model '{model}' needs images (C, H, W); the data is {spec.kind}")
+    channels, height, width = spec.shape
+    return channels, height, width
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 conv layers (32, 64 channels, 2x2 max-pooling) and two linear layers.
+
+    For the digits' 1x8x8 images this is 53,002 parameters; the first linear
+    layer grows with the image (MNIST: 421,642 parameters).
+    """
+
+    def __init__(self, spec: InputSpec = DIGITS_SPEC, dropout: float = 0.2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
+        channels, height, width = _image_shape(spec, "cnn")
+        self.conv1 = nn.Conv2d(channels, 32, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
-        self.fc1 = nn.Linear(64 * 2 * 2, 128)
-        self.fc2 = nn.Linear(128, num_classes)
+        self.fc1 = nn.Linear(64 * (height // 4) * (width // 4), 128)
+        self.fc2 = nn.Linear(128, spec.num_classes)
         self.pool = nn.MaxPool2d(2)
         self.act = nn.ReLU()
         self.drop_channels = nn.Dropout2d(dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of (N, 1, 8, 8) images."""
+        """Logits for a batch of (N, C, H, W) images."""
         x = self.pool(self.act(self.conv1(x)))
         x = self.pool(self.act(self.conv2(self.drop_channels(x))))
         x = self.act(self.fc1(self.drop(x.flatten(1))))
         return self.fc2(self.drop(x))
 
 
-class DigitsMLP(nn.Module):
-    """A 64-256-128-10 perceptron for flattened 8x8 images."""
+class MLP(nn.Module):
+    """A perceptron with hidden layers of 256 and 128 features on flattened images."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.2) -> None:
+    def __init__(self, spec: InputSpec = DIGITS_SPEC, dropout: float = 0.2) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(64, 256)
+        channels, height, width = _image_shape(spec, "mlp")
+        self.fc1 = nn.Linear(channels * height * width, 256)
         self.fc2 = nn.Linear(256, 128)
-        self.fc3 = nn.Linear(128, num_classes)
+        self.fc3 = nn.Linear(128, spec.num_classes)
         self.act = nn.ReLU()
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of images (flattened to 64 features)."""
+        """Logits for a batch of images (flattened)."""
         x = self.act(self.fc1(x.flatten(1)))
         x = self.act(self.fc2(self.drop(x)))
         return self.fc3(self.drop(x))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+def resnet18(spec: InputSpec, dropout: float = 0.0) -> nn.Module:
+    """ResNet-18 from torchvision, adapted to 32x32 inputs (11.2 M parameters for CIFAR-10).
+
+    As is usual for CIFAR: the 7x7 stride-2 stem becomes a 3x3 stride-1
+    convolution and the stem's max-pooling is dropped, so a 32x32 image keeps
+    enough resolution for the four stages. ``dropout`` is not used (BatchNorm).
+    """
+    from torchvision.models import resnet18 as torchvision_resnet18
+
+    channels, _, _ = _image_shape(spec, "resnet18")
+    model = torchvision_resnet18(num_classes=spec.num_classes)
+    model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
 
 
-def build_model(name: str, dropout: float = 0.2, seed: int | None = None) -> nn.Module:
-    """Instantiate the model registered as ``name``.
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer encoder block from plain ``torch.nn`` layers.
+
+    Multi-head self-attention with separate query/key/value/output projections
+    (``nn.Linear``, so each projection's input features are units the mask can
+    hide) and a two-layer MLP.
+    """
+
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.output = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """``x``: (N, T, width); ``padding``: (N, T), True at padding positions."""
+        n, t, width = x.shape
+        h = self.drop(self.norm1(x))
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.view(n, t, self.heads, width // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(width // self.heads)
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+        attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, t, width)
+        x = x + self.output(self.drop(attended))
+        return x + self.down(self.drop(self.act(self.up(self.drop(self.norm2(x))))))
+
+
+class TextTransformer(nn.Module):
+    """A small transformer encoder classifier for token-id sequences.
+
+    Token and position embeddings (width 64), 2 encoder blocks (4 heads, MLP
+    hidden 128), mean-pooling over non-padding tokens, and a linear classifier.
+    The FedQSN units (see :meth:`fedqsn_unit_axes`) are the embedding dimensions
+    of the embedding tables, the input features of every projection in the
+    blocks, and the pooled features of the classifier.
+    """
+
+    def __init__(
+        self,
+        spec: InputSpec,
+        dropout: float = 0.1,
+        width: int = 64,
+        heads: int = 4,
+        hidden: int = 128,
+        depth: int = 2,
+    ) -> None:
+        super().__init__()
+        if spec.kind != "text" or spec.vocab_size < 2:
+            raise ValueError(f"model 'transformer' needs token ids; the data is {spec.kind}")
+        self.tokens = nn.Embedding(spec.vocab_size, width, padding_idx=0)
+        self.positions = nn.Embedding(spec.shape[0], width)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(width, heads, hidden, dropout) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, spec.num_classes)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of (N, T) token ids (0 = padding)."""
+        padding = x == 0
+        # A sequence of only padding would attend to nothing; let it see itself.
+        padding = padding & ~padding.all(dim=1, keepdim=True)
+        positions = torch.arange(x.shape[1], device=x.device)
+        h = self.tokens(x) + self.positions(positions)[None]
+        for block in self.blocks:
+            h = block(h, padding)
+        keep = (~padding).unsqueeze(-1).to(h.dtype)
+        pooled = (self.norm(h) * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+        return self.head(self.drop(pooled))
+
+    def fedqsn_unit_axes(self) -> dict[str, int]:
+        """Masked tensors and their unit axis (1 = input features / embedding dims)."""
+        axes = {"tokens.weight": 1, "positions.weight": 1, "head.weight": 1}
+        for i in range(len(self.blocks)):
+            for name in ("query", "key", "value", "output", "up", "down"):
+                axes[f"blocks.{i}.{name}.weight"] = 1
+        return axes
+
+
+ModelFactory = Callable[..., nn.Module]
+
+MODELS: dict[str, ModelFactory] = {
+    "cnn": SmallCNN,
+    "mlp": MLP,
+    "resnet18": resnet18,
+    "transformer": TextTransformer,
+}
+
+# The names the earlier releases exported.
+DigitsCNN = SmallCNN
+DigitsMLP = MLP
+
+
+def is_factory_path(name: str) -> bool:
+    """Whether ``name`` is a ``package.module:callable`` path rather than a built-in name."""
+    return ":" in name
+
+
+def load_factory(path: str) -> ModelFactory:
+    """Import ``package.module:callable`` (raises ValueError naming what is wrong)."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import '{module_name}' for model '{path}': {err}") from err
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"'{path}' does not name a callable in module '{module_name}'")
+    return factory
+
+
+def build_model(
+    name: str, dropout: float = 0.2, seed: int | None = None, spec: InputSpec = DIGITS_SPEC
+) -> nn.Module:
+    """Instantiate the model registered as ``name`` (or a factory path) for ``spec``.
 
     With ``seed``, the initial weights are those anyone can reproduce from the
     code and the seed: the *public initialisation* of a run.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'; allowed: {sorted(MODELS)}")
+    if is_factory_path(name):
+        factory = load_factory(name)
+    elif name in MODELS:
+        factory = MODELS[name]
+    else:
+        raise ValueError(
+            f"unknown model '{name}'; allowed: {sorted(MODELS)} or 'package.module:factory'"
+        )
     if seed is not None:
         torch.manual_seed(seed)
-    return MODELS[name](dropout=dropout)
+    model = factory(spec=spec, dropout=dropout)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -43,7 +44,10 @@ def _flat(state: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 
 class SimilarityReference:
-    """The global model flattened once, to compare many proxies with it (see :func:`similarity`).
+    """The global model's norms, to compare many proxies with it (see :func:`similarity`).
+
+    Sums run tensor by tensor in float64, so comparing a proxy of a large model
+    needs float64 copies of one tensor at a time, not of the whole model.
 
     Parameters
     ----------
@@ -55,25 +59,31 @@ class SimilarityReference:
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], masked: list[str]) -> None:
+        self.global_state = global_state
         names = [n for n, t in global_state.items() if t.is_floating_point()]
         self.subsets = {"all": names, "masked": [n for n in names if n in masked]}
-        self.flat = {k: _flat(global_state, v) for k, v in self.subsets.items()}
-        self.norms = {k: float(v.norm()) for k, v in self.flat.items()}
+        self.squares = {n: float(global_state[n].double().pow(2).sum()) for n in names}
 
     def __call__(self, proxy: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Cosine similarity and relative L2 distance of ``proxy`` to the global model."""
+        dot: dict[str, float] = {}
+        own: dict[str, float] = {}
+        gap: dict[str, float] = {}
+        for name in self.subsets["all"]:
+            a, b = proxy[name].double(), self.global_state[name].double()
+            dot[name] = float((a * b).sum())
+            own[name] = float(a.pow(2).sum())
+            gap[name] = float((a - b).pow(2).sum())
         out: dict[str, float] = {}
         for suffix, subset in self.subsets.items():
-            b = self.flat[suffix]
-            if b.numel() == 0:
+            if not subset:
                 out[f"cosine_{suffix}"] = float("nan")
                 out[f"rel_l2_{suffix}"] = float("nan")
                 continue
-            a = _flat(proxy, subset)
-            a_norm, b_norm = float(a.norm()), self.norms[suffix]
-            cosine = float(a @ b) / max(a_norm * b_norm, 1e-300)
-            out[f"cosine_{suffix}"] = cosine
-            out[f"rel_l2_{suffix}"] = float((a - b).norm()) / max(b_norm, 1e-12)
+            a_norm = math.sqrt(sum(own[n] for n in subset))
+            b_norm = math.sqrt(sum(self.squares[n] for n in subset))
+            out[f"cosine_{suffix}"] = sum(dot[n] for n in subset) / max(a_norm * b_norm, 1e-300)
+            out[f"rel_l2_{suffix}"] = math.sqrt(sum(gap[n] for n in subset)) / max(b_norm, 1e-12)
         return out
 
 

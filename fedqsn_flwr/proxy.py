@@ -47,6 +47,7 @@ from .masking import MaskPolicy, UnitMask, take_units, unit_scale
 from .quantization import (
     MAX_BIT_WIDTH,
     MIN_BIT_WIDTH,
+    dequantize_into_units,
     dequantize_packed,
     num_blocks,
     packed_size,
@@ -408,6 +409,12 @@ def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:
             if not _all_finite(block_scales):
                 raise ValueError(f"proxy scales of '{name}' hold NaN or Inf")
             packed = torch.from_numpy(codes.take(packed_size(count, bit_width), name).copy())
+            if axis >= 0:
+                state[name] = dequantize_into_units(
+                    packed, block_scales, bit_width, block_size, shape, axis, visible[name]
+                )
+                unit_axes[name] = axis
+                continue
             values = dequantize_packed(packed, block_scales, bit_width, block_size, count)
         else:
             values = torch.from_numpy(floats.take(count, name).copy())

@@ -231,3 +231,52 @@ def dequantize_packed(
         count,
     )
     return torch.from_numpy(values)
+
+
+def dequantize_into_units(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bit_width: int,
+    block_size: int,
+    shape: tuple[int, ...],
+    axis: int,
+    units: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dense tensor of ``shape``: the decoded visible slice at ``units`` along ``axis``, else 0.
+
+    Bit for bit the same as dequantizing the slice and ``index_copy_``-ing it into
+    zeros; the kernels write each value straight to its place.
+    """
+    slice_shape = list(shape)
+    slice_shape[axis] = units.numel()
+    count = math.prod(slice_shape)
+    if not _use_kernels(packed, backend):
+        values = dequantize_packed(packed, scales, bit_width, block_size, count, backend="torch")
+        dense = torch.zeros(shape, dtype=torch.float32, device=packed.device)
+        return dense.index_copy_(axis, units.to(packed.device), values.view(slice_shape))
+    from . import kernels
+
+    _check_bit_width(bit_width)
+    if packed.numel() != packed_size(count, bit_width):
+        raise ValueError(
+            f"{packed.numel()} packed bytes cannot hold exactly {count} codes of {bit_width} bits"
+        )
+    if scales.numel() != num_blocks(count, block_size):
+        raise ValueError(
+            f"{scales.numel()} scales do not fit {count} codes in blocks of {block_size}"
+        )
+    units_np = units.cpu().numpy()
+    if units_np.size and (units_np.min() < 0 or units_np.max() >= shape[axis]):
+        raise ValueError(f"unit indices out of range for {shape[axis]} units")
+    dense = kernels.dequantize_scatter(
+        packed.reshape(-1).to(torch.uint8).contiguous().numpy(),
+        scales.reshape(-1).to(torch.float32).contiguous().numpy(),
+        _codebook(bit_width).numpy(),
+        bit_width,
+        block_size,
+        tuple(shape),
+        axis,
+        units_np,
+    )
+    return torch.from_numpy(dense)

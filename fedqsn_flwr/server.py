@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from collections.abc import Mapping
 from dataclasses import replace
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +17,9 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from torch import nn
 
+from .config import ConfigError
 from .data import ServerData, load_server_data
+from .datasets import data_key
 from .masking import policy_for_model
 from .models import build_model
 from .results import RunRecorder
@@ -26,13 +30,36 @@ from .training import evaluate_state, pick_device, train
 def server_data(config: Mapping[str, Any]) -> ServerData:
     """The server's test set, private pretraining set and client pool."""
     return load_server_data(
-        config["dataset"], config["seed"], config["test-fraction"], config["pretrain-fraction"]
+        data_key(config), config["seed"], config["test-fraction"], config["pretrain-fraction"]
     )
 
 
+def load_initial_weights(model: nn.Module, path: str) -> None:
+    """Load the server's own weights (a ``torch.save``d state dict) into ``model``."""
+    file = Path(path).expanduser()
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"config key 'initial-model': cannot load '{file}': {err}") from err
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"config key 'initial-model': '{file}' does not hold a state dict")
+    try:
+        model.load_state_dict(dict(state))
+    except RuntimeError as err:
+        raise ConfigError(
+            f"config key 'initial-model': '{file}' does not fit model '{type(model).__name__}': "
+            f"{str(err).splitlines()[0]} ..."
+        ) from err
+    log(INFO, "Loaded the server's initial weights from %s", file)
+
+
 def initial_model(config: Mapping[str, Any], data: ServerData) -> nn.Module:
-    """The server's starting model: seeded init, pretrained on its private split."""
-    model = build_model(config["model"], config["dropout"], seed=config["seed"])
+    """The server's starting model: seeded init or ``initial-model``, then pretraining."""
+    model = build_model(config["model"], config["dropout"], seed=config["seed"], spec=data.spec)
+    if config.get("initial-model"):
+        load_initial_weights(model, config["initial-model"])
     model.to(pick_device(config["device"]))
     if config["pretrain-epochs"] > 0 and len(data.pretrain) > 0:
         loss = train(

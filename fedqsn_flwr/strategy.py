@@ -517,8 +517,11 @@ class FedQSN(MeasuredFedAvg):
         )
         return Message(content=content, message_type=message_type, dst_node_id=node_id), spec
 
-    def _on_device(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in arrays.to_torch_state_dict().items()}
+    def _on_device(
+        self, arrays: ArrayRecord, state: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        state = state if state is not None else arrays.to_torch_state_dict()
+        return {k: v.to(self.device) for k, v in state.items()}
 
     def _train_messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
@@ -526,8 +529,12 @@ class FedQSN(MeasuredFedAvg):
         self._global = arrays.to_torch_state_dict()
         if self._exposure is None:
             self._exposure = ExposureTracker(self._global, self.policy)
-        state = self._on_device(arrays)
-        reference = SimilarityReference(self._global, list(self.policy.unit_axes))
+        state = self._on_device(arrays, self._global)
+        reference = (
+            SimilarityReference(self._global, list(self.policy.unit_axes))
+            if self.privacy_metrics
+            else None
+        )
         messages: list[Message] = []
         self._sent = {}
         sims: dict[str, float] = {}
@@ -543,7 +550,7 @@ class FedQSN(MeasuredFedAvg):
                 continue
             # Everything below looks at what the message carries, decoded as a client would.
             proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
-            if self.privacy_metrics:
+            if reference is not None:
                 for key, value in reference(to_global_units(proxy)).items():
                     sims[key] = sims.get(key, 0.0) + value / len(node_ids)
                 self._exposure.add(proxy)

@@ -70,7 +70,7 @@ def train(
         for start in range(0, len(data), batch_size):
             rows = order[start : start + batch_size]
             optimizer.zero_grad()
-            loss = loss_fn(model(data.x[rows].to(device)), data.y[rows].to(device))
+            loss = loss_fn(model(data.inputs(rows).to(device)), data.y[rows].to(device))
             objective = loss
             if anchor:
                 drift = sum((params[n] - a).pow(2).sum() for n, a in anchor.items())
@@ -93,7 +93,7 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> tuple[floa
     device = model_device(model)
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
-        x = data.x[start : start + batch_size].to(device)
+        x = data.inputs(slice(start, start + batch_size)).to(device)
         y = data.y[start : start + batch_size].to(device)
         logits = model(x)
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))

@@ -8,6 +8,7 @@ from fedqsn_flwr import kernels
 from fedqsn_flwr.quantization import (
     _midpoints,
     dequantize,
+    dequantize_into_units,
     dequantize_packed,
     pack_bits,
     quantize,
@@ -98,4 +99,27 @@ def test_parallel_kernels_equal_the_reference_on_large_tensors(bit_width):
     assert torch.equal(packed, pack_bits(codes, bit_width))
     reference = dequantize(codes, scales, bit_width, 64)
     fast = dequantize_packed(packed, scales, bit_width, 64, values.numel(), backend="numba")
+    assert torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize(
+    "shape, axis", [((6, 40), 1), ((5, 9, 3, 3), 1), ((7, 11), 0), ((4, 300, 60), 1)]
+)
+def test_scatter_kernel_equals_dequantize_then_index_copy(shape, axis):
+    generator = torch.Generator().manual_seed(5)
+    units = torch.sort(
+        torch.randperm(shape[axis], generator=generator)[: shape[axis] * 2 // 3]
+    ).values
+    slice_shape = list(shape)
+    slice_shape[axis] = units.numel()
+    values = torch.randn(slice_shape, generator=generator)
+    packed, scales = quantize_packed(values, 3, 50)
+    fast = dequantize_into_units(packed, scales, 3, 50, shape, axis, units, backend="numba")
+    slow = dequantize_into_units(packed, scales, 3, 50, shape, axis, units, backend="torch")
+    assert torch.equal(fast, slow)
+    reference = torch.zeros(shape).index_copy_(
+        axis,
+        units,
+        dequantize(unpack_bits(packed, 3, values.numel()), scales, 3, 50).view(slice_shape),
+    )
     assert torch.equal(fast, reference)
