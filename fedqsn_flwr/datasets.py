@@ -110,6 +110,11 @@ def data_key(config: dict[str, Any] | Any) -> DataKey:
     )
 
 
+def needs_hub(key: DataKey) -> bool:
+    """Whether ``key`` is loaded from the Hugging Face Hub (network or its cache)."""
+    return key.dataset in HF_DATASETS and not key.data_dir
+
+
 # -- text ------------------------------------------------------------------------
 
 _WORD = re.compile(r"[a-z0-9']+")

@@ -140,48 +140,46 @@ if AVAILABLE:
         levels: np.ndarray,
         bit_width: int,
         block_size: int,
-        count: int,
+        outer: int,
         units: np.ndarray,
+        hidden: np.ndarray,
         num_units: int,
         inner: int,
         out: np.ndarray,
     ) -> None:
         # The codes are the visible slice (outer, len(units), inner) in row-major
-        # order; value (o, v, k) lands at (o, units[v], k) of the dense
-        # (outer, num_units, inner) output. Counters replace per-value divisions.
-        mask = np.uint64((1 << bit_width) - 1)
+        # order; row o of the dense (outer, num_units, inner) output gets decoded
+        # values at its visible units and zeros at its hidden ones, so the output
+        # needs no zeroing first. Code i sits at bit i * k of the MSB-first stream.
+        mask = (1 << bit_width) - 1
         visible = units.size
-        num_groups = (count + 7) // 8
-        for group in prange(num_groups):
-            acc = np.uint64(0)
-            base = group * bit_width
-            for t in range(bit_width):
-                byte = packed[base + t] if base + t < packed.size else np.uint8(0)
-                acc = (acc << np.uint64(8)) | np.uint64(byte)
-            first = group * 8
-            block = first // block_size
+        size = packed.size
+        for o in prange(outer):
+            i = o * visible * inner
+            block = i // block_size
             boundary = (block + 1) * block_size
-            o = first // (visible * inner)
-            rest = first - o * visible * inner
-            v = rest // inner
-            k = rest - v * inner
-            for j in range(8):
-                i = first + j
-                if i >= count:
-                    break
-                if i >= boundary:
-                    block += 1
-                    boundary += block_size
-                shift = np.uint64(bit_width * (7 - j))
-                code = (acc >> shift) & mask
-                out[(o * num_units + units[v]) * inner + k] = levels[code] * scales[block]
-                k += 1
-                if k == inner:
-                    k = 0
-                    v += 1
-                    if v == visible:
-                        v = 0
-                        o += 1
+            row = o * num_units
+            for v in range(visible):
+                base = (row + units[v]) * inner
+                for k in range(inner):
+                    if i >= boundary:
+                        block += 1
+                        boundary += block_size
+                    if bit_width == 4:  # the common case: two codes per byte
+                        code = (np.int64(packed[i >> 1]) >> (((i & 1) ^ 1) << 2)) & 15
+                    else:
+                        bit = i * bit_width
+                        byte = bit >> 3
+                        word = np.int64(packed[byte]) << 8
+                        if byte + 1 < size:
+                            word |= np.int64(packed[byte + 1])
+                        code = (word >> (16 - bit_width - (bit & 7))) & mask
+                    out[base + k] = levels[code] * scales[block]
+                    i += 1
+            for h in range(hidden.size):
+                base = (row + hidden[h]) * inner
+                for k in range(inner):
+                    out[base + k] = np.float32(0.0)
 
     # Starting the thread pool costs ~10 us per call: more than the whole work
     # on the small tensors of small models (biases, first layers).
@@ -262,16 +260,18 @@ def dequantize_scatter(
     outer = math.prod(shape[:axis])
     inner = math.prod(shape[axis + 1 :])
     count = outer * units.size * inner
-    out = np.zeros(math.prod(shape), dtype=np.float32)
-    kernel = _dequantize_scatter if count >= PARALLEL_THRESHOLD else _dequantize_scatter_serial
+    out = np.empty(math.prod(shape), dtype=np.float32)
+    parallel = count >= PARALLEL_THRESHOLD and outer > 1
+    kernel = _dequantize_scatter if parallel else _dequantize_scatter_serial
     kernel(
         packed,
         scales,
         levels,
         bit_width,
         block_size,
-        count,
+        outer,
         units.astype(np.int64),
+        np.setdiff1d(np.arange(shape[axis]), units).astype(np.int64),
         shape[axis],
         inner,
         out,

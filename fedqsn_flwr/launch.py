@@ -73,8 +73,10 @@ class LocalFederation:
         return {
             **os.environ,
             "FLWR_HOME": str(self.flwr_home),
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_OFFLINE": "1",
+            # Offline unless asked (HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 lets
+            # flwr-datasets download mnist, cifar10, ag-news, ...).
+            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
 

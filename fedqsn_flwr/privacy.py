@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -43,6 +43,10 @@ def _flat(state: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([state[n].reshape(-1).to(torch.float64) for n in names])
 
 
+# Values per float64 chunk when comparing tensors: bounded temporaries for any model.
+_CHUNK = 1 << 20
+
+
 class SimilarityReference:
     """The global model's norms, to compare many proxies with it (see :func:`similarity`).
 
@@ -64,16 +68,38 @@ class SimilarityReference:
         self.subsets = {"all": names, "masked": [n for n in names if n in masked]}
         self.squares = {n: float(global_state[n].double().pow(2).sum()) for n in names}
 
-    def __call__(self, proxy: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Cosine similarity and relative L2 distance of ``proxy`` to the global model."""
+    def __call__(
+        self, proxy: Mapping[str, torch.Tensor], factors: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
+        """Cosine similarity and relative L2 distance of ``proxy`` to the global model.
+
+        ``factors`` multiply tensors of ``proxy`` first (see :func:`unit_factors`:
+        comparing a proxy in global units without copying it).
+        """
+        factors = factors or {}
+        return self.compare((n, proxy[n], factors.get(n, 1.0)) for n in self.subsets["all"])
+
+    def compare(self, tensors: Iterable[tuple[str, torch.Tensor, float]]) -> dict[str, float]:
+        """As :meth:`__call__`, from ``(name, tensor, factor)`` items (e.g. decoded one by one).
+
+        Every float tensor of the global model must come by; others are ignored.
+        """
         dot: dict[str, float] = {}
         own: dict[str, float] = {}
         gap: dict[str, float] = {}
-        for name in self.subsets["all"]:
-            a, b = proxy[name].double(), self.global_state[name].double()
-            dot[name] = float((a * b).sum())
-            own[name] = float(a.pow(2).sum())
-            gap[name] = float((a - b).pow(2).sum())
+        for name, tensor, factor in tensors:
+            if name not in self.squares:
+                continue
+            a_flat, b_flat = tensor.reshape(-1), self.global_state[name].reshape(-1)
+            dot[name] = own[name] = gap[name] = 0.0
+            for start in range(0, a_flat.numel(), _CHUNK):
+                a = a_flat[start : start + _CHUNK].double() * factor
+                b = b_flat[start : start + _CHUNK].double()
+                dot[name] += float(a @ b)
+                own[name] += float(a @ a)
+                gap[name] += float((a - b).pow(2).sum())
+        if missing := sorted(set(self.squares) - set(dot)):
+            raise ValueError(f"proxy lacks tensors {missing}")
         out: dict[str, float] = {}
         for suffix, subset in self.subsets.items():
             if not subset:
@@ -85,6 +111,14 @@ class SimilarityReference:
             out[f"cosine_{suffix}"] = sum(dot[n] for n in subset) / max(a_norm * b_norm, 1e-300)
             out[f"rel_l2_{suffix}"] = math.sqrt(sum(gap[n] for n in subset)) / max(b_norm, 1e-12)
         return out
+
+
+def unit_factors(proxy: Proxy) -> dict[str, float]:
+    """Per masked tensor, the factor that undoes the unit scaling (see :func:`to_global_units`)."""
+    return {
+        name: proxy.visible[name].numel() / proxy.state[name].shape[axis]
+        for name, axis in proxy.unit_axes.items()
+    }
 
 
 def similarity(
@@ -108,12 +142,18 @@ class ExposureTracker:
     def add(self, proxy: Proxy) -> None:
         """Mark what one message carried (its visible units, read from the message)."""
         for name in self.seen:
-            if name not in proxy.state:
-                continue
-            if name not in proxy.unit_axes:
-                self.seen[name][...] = True
-                continue
-            self.seen[name].index_fill_(proxy.unit_axes[name], proxy.visible[name], True)
+            if name in proxy.state:
+                axis = proxy.unit_axes.get(name, -1)
+                self.add_tensor(name, axis, proxy.visible.get(name))
+
+    def add_tensor(self, name: str, axis: int, visible: torch.Tensor | None) -> None:
+        """Mark one tensor of a message: all of it (``axis`` -1) or its ``visible`` units."""
+        if name not in self.seen:
+            return
+        if axis < 0 or visible is None:
+            self.seen[name][...] = True
+        else:
+            self.seen[name].index_fill_(axis, visible, True)
 
     @property
     def exposure(self) -> float:

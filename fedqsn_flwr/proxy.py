@@ -36,7 +36,7 @@ floating-point tensor of the proxy, encoded as the layout asks:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -381,22 +381,27 @@ def message_units(arrays: ArrayRecord, layout: ConfigRecord) -> UnitMask:
     return out
 
 
-def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:
-    """Rebuild the dense proxy a client trains (hidden units are zero)."""
+def iter_proxy(
+    arrays: ArrayRecord, layout: ConfigRecord, visible: UnitMask | None = None
+) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """Decode a proxy one dense tensor at a time: ``(name, tensor, unit axis or -1)``.
+
+    Holds one decoded tensor at a time (the server's privacy metrics use this on
+    large models); :func:`decode_proxy` collects them. Raises ValueError when the
+    arrays do not match the layout, after the last tensor at the latest.
+    """
     bit_width = int(layout["bit-width"])
     block_size = int(layout["block-size"])
     quantized = set(layout.get("quantized", []))
-    visible = message_units(arrays, layout)
+    visible = visible if visible is not None else message_units(arrays, layout)
     codes = _Reader(arrays, CODES_KEY, ("uint8",))
     scales = _Reader(arrays, SCALES_KEY, ("float16", "float32"))
     floats = _Reader(arrays, VALUES_KEY, ("float32",))
-    state: dict[str, torch.Tensor] = {}
-    unit_axes: dict[str, int] = {}
     for name in layout["tensors"]:
         shape = tuple(int(d) for d in layout[f"shape/{name}"])
         axis = int(layout[f"axis/{name}"])
         if name in arrays:  # non-float tensors travel as they are
-            state[name] = torch.from_numpy(arrays[name].numpy().copy()).reshape(shape)
+            yield name, torch.from_numpy(arrays[name].numpy().copy()).reshape(shape), -1
             continue
         slice_shape = list(shape)
         if axis >= 0:
@@ -410,30 +415,43 @@ def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:
                 raise ValueError(f"proxy scales of '{name}' hold NaN or Inf")
             packed = torch.from_numpy(codes.take(packed_size(count, bit_width), name).copy())
             if axis >= 0:
-                state[name] = dequantize_into_units(
-                    packed, block_scales, bit_width, block_size, shape, axis, visible[name]
+                yield (
+                    name,
+                    dequantize_into_units(
+                        packed, block_scales, bit_width, block_size, shape, axis, visible[name]
+                    ),
+                    axis,
                 )
-                unit_axes[name] = axis
                 continue
             values = dequantize_packed(packed, block_scales, bit_width, block_size, count)
         else:
             values = torch.from_numpy(floats.take(count, name).copy())
         values = values.view(slice_shape)
         if axis < 0:
-            state[name] = values
+            yield name, values, -1
             continue
         dense = torch.zeros(shape, dtype=values.dtype)
         dense.index_copy_(axis, visible[name], values)
-        state[name] = dense
-        unit_axes[name] = axis
+        yield name, dense, axis
     for reader in (codes, scales, floats):
         reader.check_consumed()
+
+
+def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:
+    """Rebuild the dense proxy a client trains (hidden units are zero)."""
+    visible = message_units(arrays, layout)
+    state: dict[str, torch.Tensor] = {}
+    unit_axes: dict[str, int] = {}
+    for name, tensor, axis in iter_proxy(arrays, layout, visible):
+        state[name] = tensor
+        if axis >= 0:
+            unit_axes[name] = axis
     return Proxy(
         state=state,
         unit_axes=unit_axes,
         visible=visible,
         update_bit_width=int(layout.get("update-bit-width", 32)),
-        block_size=block_size,
+        block_size=int(layout["block-size"]),
     )
 
 

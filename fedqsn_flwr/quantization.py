@@ -269,6 +269,8 @@ def dequantize_into_units(
     units_np = units.cpu().numpy()
     if units_np.size and (units_np.min() < 0 or units_np.max() >= shape[axis]):
         raise ValueError(f"unit indices out of range for {shape[axis]} units")
+    if units_np.size > 1 and bool((np.diff(units_np) <= 0).any()):
+        raise ValueError("unit indices must be strictly increasing")
     dense = kernels.dequantize_scatter(
         packed.reshape(-1).to(torch.uint8).contiguous().numpy(),
         scales.reshape(-1).to(torch.float32).contiguous().numpy(),

@@ -9,6 +9,7 @@ from typing import Any
 
 from .apps import make_client_app, make_server_app
 from .config import output_root, resolve
+from .datasets import data_key, needs_hub
 from .results import run_name
 
 
@@ -26,9 +27,11 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     project_dir = project_dir or Path.cwd()
     config = resolve({}, project_dir, overrides)
+    if not needs_hub(data_key(config)):
+        # nothing to download: make sure the datasets library does not try
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     overrides = {**overrides, "run-name": run_name(config)}
     run_simulation(
         make_server_app(project_dir, overrides),

@@ -11,7 +11,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -39,7 +39,7 @@ from .masking import (
     draw_client_mask,
     draw_server_mask,
 )
-from .privacy import ExposureTracker, SimilarityReference, to_global_units
+from .privacy import ExposureTracker, SimilarityReference, unit_factors
 from .proxy import (
     LAYOUT_RECORD,
     PROXY_RECORD,
@@ -50,6 +50,8 @@ from .proxy import (
     decode_proxy,
     decode_update,
     encode_proxy,
+    iter_proxy,
+    message_units,
 )
 
 #: Called with a model state the clients receive; returns its accuracy.
@@ -517,6 +519,17 @@ class FedQSN(MeasuredFedAvg):
         )
         return Message(content=content, message_type=message_type, dst_node_id=node_id), spec
 
+    def _exposed_tensors(
+        self, arrays: ArrayRecord, layout: ConfigRecord
+    ) -> Iterator[tuple[str, torch.Tensor, float]]:
+        """Decode one tensor at a time, marking it exposed; yield it in global units."""
+        assert self._exposure is not None
+        visible = message_units(arrays, layout)
+        for name, tensor, axis in iter_proxy(arrays, layout, visible):
+            self._exposure.add_tensor(name, axis, visible.get(name))
+            factor = visible[name].numel() / tensor.shape[axis] if axis >= 0 else 1.0
+            yield name, tensor, factor
+
     def _on_device(
         self, arrays: ArrayRecord, state: Mapping[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
@@ -549,13 +562,21 @@ class FedQSN(MeasuredFedAvg):
             if not self.privacy_metrics and self.proxy_evaluate_fn is None:
                 continue
             # Everything below looks at what the message carries, decoded as a client would.
-            proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
-            if reference is not None:
-                for key, value in reference(to_global_units(proxy)).items():
-                    sims[key] = sims.get(key, 0.0) + value / len(node_ids)
-                self._exposure.add(proxy)
-            if self.proxy_evaluate_fn is not None:
+            sent, layout = message.content[PROXY_RECORD], message.content[LAYOUT_RECORD]
+            if self.proxy_evaluate_fn is None:
+                # one decoded tensor at a time: the metrics of a large model's proxy
+                # need memory for one tensor, not for the whole proxy
+                assert reference is not None
+                found = reference.compare(self._exposed_tensors(sent, layout))
+            else:
+                proxy = decode_proxy(sent, layout)
                 accuracies.append(self.proxy_evaluate_fn(proxy.state))
+                if reference is None:
+                    continue
+                found = reference(proxy.state, unit_factors(proxy))
+                self._exposure.add(proxy)
+            for key, value in found.items():
+                sims[key] = sims.get(key, 0.0) + value / len(node_ids)
         if messages and self.privacy_metrics:
             self._log_round(server_round, **sims, exposure=self._exposure.exposure)
         if accuracies:
