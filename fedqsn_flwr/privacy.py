@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 
 from .masking import MaskPolicy, UnitMask, num_hidden
@@ -67,6 +68,13 @@ class SimilarityReference:
         names = [n for n, t in global_state.items() if t.is_floating_point()]
         self.subsets = {"all": names, "masked": [n for n in names if n in masked]}
         self.squares = {n: float(global_state[n].double().pow(2).sum()) for n in names}
+        # Small tensors (most of them, in count) as float64 numpy vectors: numpy's
+        # per-call cost is a fraction of torch's, and this runs for every client.
+        self.small = {
+            n: global_state[n].detach().cpu().double().reshape(-1).numpy()
+            for n in names
+            if global_state[n].numel() <= _CHUNK
+        }
 
     def __call__(
         self, proxy: Mapping[str, torch.Tensor], factors: Mapping[str, float] | None = None
@@ -89,6 +97,16 @@ class SimilarityReference:
         gap: dict[str, float] = {}
         for name, tensor, factor in tensors:
             if name not in self.squares:
+                continue
+            if name in self.small:
+                b_small = self.small[name]
+                a_small = tensor.detach().cpu().reshape(-1).numpy().astype(np.float64) * factor
+                diff = a_small - b_small
+                # elementwise products, not `@`: a BLAS call would start OpenBLAS's
+                # spinning threads, which starve the numba and torch thread pools
+                dot[name] = float((a_small * b_small).sum())
+                own[name] = float((a_small * a_small).sum())
+                gap[name] = float((diff * diff).sum())
                 continue
             a_flat, b_flat = tensor.reshape(-1), self.global_state[name].reshape(-1)
             dot[name] = own[name] = gap[name] = 0.0

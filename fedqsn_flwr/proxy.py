@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -239,6 +240,34 @@ def _dequantized(
     return dequantize_packed(codes, scales, bit_width, block_size, count)
 
 
+def proxy_layout(
+    state: Mapping[str, torch.Tensor],
+    policy: MaskPolicy,
+    bit_width: int | None,
+    block_size: int,
+    update_bit_width: int = 32,
+) -> ConfigRecord:
+    """The layout record of every proxy of ``state`` (see the module docstring)."""
+    if update_bit_width not in UPDATE_BIT_WIDTHS:
+        raise ValueError(f"update bit width must be one of {UPDATE_BIT_WIDTHS}")
+    quantized = [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and bit_width is not None and name in policy.quantized
+    ]
+    entries: dict[str, Any] = {
+        "tensors": list(state),
+        "bit-width": bit_width or 0,
+        "block-size": block_size,
+        "update-bit-width": update_bit_width,
+        "quantized": quantized,
+    }
+    for name, tensor in state.items():
+        entries[f"shape/{name}"] = list(tensor.shape)
+        entries[f"axis/{name}"] = policy.unit_axes.get(name, -1)
+    return ConfigRecord(entries)
+
+
 def encode_proxy(
     state: Mapping[str, torch.Tensor],
     policy: MaskPolicy,
@@ -246,6 +275,7 @@ def encode_proxy(
     bit_width: int | None,
     block_size: int,
     update_bit_width: int = 32,
+    layout: ConfigRecord | None = None,
 ) -> tuple[ArrayRecord, ConfigRecord, ProxySpec]:
     """Serialize the proxy of ``state`` defined by a client's ``visible`` units.
 
@@ -263,6 +293,9 @@ def encode_proxy(
         Values per absmax block.
     update_bit_width : int (default: 32)
         How the client must encode its update: 32, 16 or 2..8 (NF-k).
+    layout : ConfigRecord, optional
+        :func:`proxy_layout` of the same arguments, when already built (it is the
+        same for every client of a round).
 
     Returns
     -------
@@ -271,26 +304,15 @@ def encode_proxy(
         reply back.
 
     """
-    if update_bit_width not in UPDATE_BIT_WIDTHS:
-        raise ValueError(f"update bit width must be one of {UPDATE_BIT_WIDTHS}")
+    if layout is None:
+        layout = proxy_layout(state, policy, bit_width, block_size, update_bit_width)
     arrays: dict[str, Array] = {}
-    quantized: list[str] = []
-    layout = ConfigRecord(
-        {
-            "tensors": list(state),
-            "bit-width": bit_width or 0,
-            "block-size": block_size,
-            "update-bit-width": update_bit_width,
-        }
-    )
     units: list[np.ndarray] = []
     codes: list[torch.Tensor] = []
     scales: list[torch.Tensor] = []
     floats: list[torch.Tensor] = []
     update_shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in state.items():
-        layout[f"shape/{name}"] = list(tensor.shape)
-        layout[f"axis/{name}"] = policy.unit_axes.get(name, -1)
         if not tensor.is_floating_point():
             arrays[name] = Array(_numpy(tensor))
             continue
@@ -304,10 +326,8 @@ def encode_proxy(
             packed, block_scales = quantize_packed(values, bit_width, block_size)
             codes.append(packed.cpu())
             scales.append(block_scales.cpu())
-            quantized.append(name)
         else:
             floats.append(values.reshape(-1).cpu())
-    layout["quantized"] = quantized
     # One array per kind rather than per tensor: each Flower array costs ~180 bytes
     # of framing, which is 10% of a small model's proxy.
     if units:

@@ -52,6 +52,7 @@ from .proxy import (
     encode_proxy,
     iter_proxy,
     message_units,
+    proxy_layout,
 )
 
 #: Called with a model state the clients receive; returns its accuracy.
@@ -509,15 +510,28 @@ class FedQSN(MeasuredFedAvg):
         config: ConfigRecord,
         message_type: str,
         purpose: int,
+        layout: ConfigRecord,
     ) -> tuple[Message, ProxySpec]:
         visible = self.client_mask(server_round, self.partition_ids[node_id], purpose)
         proxy, layout, spec = encode_proxy(
-            state, self.policy, visible, self.bit_width, self.block_size, self.update_bit_width
+            state,
+            self.policy,
+            visible,
+            self.bit_width,
+            self.block_size,
+            self.update_bit_width,
+            layout,
         )
         content = RecordDict(
             {PROXY_RECORD: proxy, LAYOUT_RECORD: layout, self.configrecord_key: config}
         )
         return Message(content=content, message_type=message_type, dst_node_id=node_id), spec
+
+    def _layout(self, state: Mapping[str, torch.Tensor]) -> ConfigRecord:
+        # The same for every client of a round; Flower's records may be shared.
+        return proxy_layout(
+            state, self.policy, self.bit_width, self.block_size, self.update_bit_width
+        )
 
     def _exposed_tensors(
         self, arrays: ArrayRecord, layout: ConfigRecord
@@ -543,6 +557,7 @@ class FedQSN(MeasuredFedAvg):
         if self._exposure is None:
             self._exposure = ExposureTracker(self._global, self.policy)
         state = self._on_device(arrays, self._global)
+        layout = self._layout(state)
         reference = (
             SimilarityReference(self._global, list(self.policy.unit_axes))
             if self.privacy_metrics
@@ -556,7 +571,7 @@ class FedQSN(MeasuredFedAvg):
         # the decoded dense proxies, which are as large as the model each.
         for node_id in node_ids:
             message, self._sent[node_id] = self._proxy_message(
-                state, server_round, node_id, config, MessageType.TRAIN, _TRAIN
+                state, server_round, node_id, config, MessageType.TRAIN, _TRAIN, layout
             )
             messages.append(message)
             if not self.privacy_metrics and self.proxy_evaluate_fn is None:
@@ -610,10 +625,11 @@ class FedQSN(MeasuredFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
     ) -> list[Message]:
         state = self._on_device(arrays)
+        layout = self._layout(state)
         messages = []
         for node_id in node_ids:
             message, _ = self._proxy_message(
-                state, server_round, node_id, config, MessageType.EVALUATE, _EVALUATE
+                state, server_round, node_id, config, MessageType.EVALUATE, _EVALUATE, layout
             )
             messages.append(message)
             if self.privacy_metrics and self._exposure is not None:
