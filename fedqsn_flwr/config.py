@@ -119,7 +119,7 @@ SPEC: dict[str, Key] = {
     ),
     "block-size": _integer(64, 1, "values per absmax block"),
     "update-bit-width": Key(
-        32,
+        16,
         int,
         f"one of {list(UPDATE_BIT_WIDTHS)}",
         lambda v: v in UPDATE_BIT_WIDTHS,

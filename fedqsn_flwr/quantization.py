@@ -196,6 +196,19 @@ def quantize_packed(
     return torch.from_numpy(packed), torch.from_numpy(scales)
 
 
+def _check_sizes(
+    packed: torch.Tensor, scales: torch.Tensor, count: int, bit_width: int, block_size: int
+) -> None:
+    if packed.numel() != packed_size(count, bit_width):
+        raise ValueError(
+            f"{packed.numel()} packed bytes cannot hold exactly {count} codes of {bit_width} bits"
+        )
+    if scales.numel() != num_blocks(count, block_size):
+        raise ValueError(
+            f"{scales.numel()} scales do not fit {count} codes in blocks of {block_size}"
+        )
+
+
 def dequantize_packed(
     packed: torch.Tensor,
     scales: torch.Tensor,
@@ -209,14 +222,7 @@ def dequantize_packed(
     Bit for bit the same as ``dequantize(unpack_bits(packed, ...), scales, ...)``.
     """
     _check_bit_width(bit_width)
-    if packed.numel() != packed_size(count, bit_width):
-        raise ValueError(
-            f"{packed.numel()} packed bytes cannot hold exactly {count} codes of {bit_width} bits"
-        )
-    if scales.numel() != num_blocks(count, block_size):
-        raise ValueError(
-            f"{scales.numel()} scales do not fit {count} codes in blocks of {block_size}"
-        )
+    _check_sizes(packed, scales, count, bit_width, block_size)
     if not _use_kernels(packed, backend):
         codes = unpack_bits(packed, bit_width, count)
         return dequantize(codes, scales.to(torch.float32), bit_width, block_size)
@@ -258,14 +264,7 @@ def dequantize_into_units(
     from . import kernels
 
     _check_bit_width(bit_width)
-    if packed.numel() != packed_size(count, bit_width):
-        raise ValueError(
-            f"{packed.numel()} packed bytes cannot hold exactly {count} codes of {bit_width} bits"
-        )
-    if scales.numel() != num_blocks(count, block_size):
-        raise ValueError(
-            f"{scales.numel()} scales do not fit {count} codes in blocks of {block_size}"
-        )
+    _check_sizes(packed, scales, count, bit_width, block_size)
     units_np = units.cpu().numpy()
     if units_np.size and (units_np.min() < 0 or units_np.max() >= shape[axis]):
         raise ValueError(f"unit indices out of range for {shape[axis]} units")

@@ -1,6 +1,35 @@
-"""Test helpers: the library's in-process Grid under its historical test name."""
+"""Test helpers: the library's in-process Grid, and a short in-process federation."""
 
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedqsn_flwr.config import validate
 from fedqsn_flwr.inprocess import InProcessGrid as LocalGrid
 from fedqsn_flwr.inprocess import Tamper
+from fedqsn_flwr.models import build_model
+from fedqsn_flwr.server import build_strategy, train_config
 
-__all__ = ["LocalGrid", "Tamper"]
+__all__ = ["LocalGrid", "Tamper", "run_local"]
+
+
+def run_local(base_config: dict[str, Any], rounds: int = 2, **overrides: Any) -> tuple:
+    """``rounds`` of the configured strategy on 3 in-process nodes.
+
+    Returns ``(strategy, starting state, final state)``.
+    """
+    config = validate({**base_config, "fraction-evaluate": 0.0, "min-nodes": 3, **overrides})
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = build_strategy(config, model, None)
+    result = strategy.start(
+        LocalGrid(3, config),
+        ArrayRecord(model.state_dict()),
+        num_rounds=rounds,
+        train_config=train_config(config),
+    )
+    return strategy, start, result.arrays.to_torch_state_dict()

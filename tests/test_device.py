@@ -7,28 +7,14 @@ from flwr.app import ArrayRecord
 from fedqsn_flwr.config import validate
 from fedqsn_flwr.masking import policy_for_model
 from fedqsn_flwr.models import build_model
-from fedqsn_flwr.server import build_strategy, train_config
+from fedqsn_flwr.server import train_config
 from fedqsn_flwr.strategy import FedQSN
-from tests.helpers import LocalGrid
-
-
-def _run(base_config, **overrides):
-    config = validate({**base_config, "fraction-evaluate": 0.0, "min-nodes": 3, **overrides})
-    torch.manual_seed(0)
-    model = build_model("cnn")
-    strategy = build_strategy(config, model, None)
-    result = strategy.start(
-        LocalGrid(3, config),
-        ArrayRecord(model.state_dict()),
-        num_rounds=1,
-        train_config=train_config(config),
-    )
-    return strategy, model.state_dict(), result.arrays.to_torch_state_dict()
+from tests.helpers import LocalGrid, run_local
 
 
 def test_compact_uplink_cuts_bytes_and_still_moves_the_model(base_config):
-    wide, start, wide_final = _run(base_config, **{"update-bit-width": 32})
-    narrow, _, narrow_final = _run(base_config, **{"update-bit-width": 4})
+    wide, start, wide_final = run_local(base_config, 1, **{"update-bit-width": 32})
+    narrow, _, narrow_final = run_local(base_config, 1, **{"update-bit-width": 4})
     ratio = narrow.round_log[1]["bytes_up"] / wide.round_log[1]["bytes_up"]
     assert ratio < 0.2, ratio
     name = "fc1.weight"
