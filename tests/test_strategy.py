@@ -34,7 +34,8 @@ def _strategy(num_nodes, seed=3):
 def _nan_update(reply):
     update = reply.content[UPDATE_RECORD]
     arrays = {k: update[k] for k in update.keys()}
-    arrays["fc1.bias"] = Array(np.full(arrays["fc1.bias"].shape, np.nan, np.float32))
+    sent = arrays["fc1.bias"].numpy()
+    arrays["fc1.bias"] = Array(np.full(sent.shape, np.nan, sent.dtype))
     return Message(
         RecordDict(
             {UPDATE_RECORD: ArrayRecord(arrays), METRICS_RECORD: reply.content[METRICS_RECORD]}
@@ -66,7 +67,9 @@ def _expected(strategy, state, grid, replies, valid_partitions):
         if partition not in valid_partitions:
             continue
         visible = strategy.client_mask(1, partition)
-        _, _, spec = encode_proxy(state, strategy.policy, visible, 4, 64)
+        _, _, spec = encode_proxy(
+            state, strategy.policy, visible, 4, 64, strategy.update_bit_width
+        )
         deltas = decode_update(reply.content[UPDATE_RECORD], spec, strategy.policy)
         weight = reply.content[METRICS_RECORD]["num-examples"]
         updates.append(ClientUpdate(deltas, visible, weight))
