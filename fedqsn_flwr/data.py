@@ -25,7 +25,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .datasets import DATASETS, DataKey, RawData, load_raw
+from .datasets import (
+    DATASETS,
+    DataKey,
+    RawData,
+    is_partition_loader,
+    load_raw,
+    load_user_partition,
+)
 from .models import InputSpec
 
 __all__ = [
@@ -129,6 +136,9 @@ def load_server_data(
     else:
         test = own_test
     n_pretrain = round(pretrain_fraction * len(full))
+    if is_partition_loader(_as_key(dataset)):
+        # the server's own examples are its private pretraining set; clients bring theirs
+        n_pretrain = len(order)
     return ServerData(
         test=test,
         pretrain=full.subset(order[:n_pretrain]),
@@ -183,11 +193,22 @@ def load_client_data(
         raise ValueError(
             f"partition-id {partition_id} is out of range for num-partitions={num_partitions}"
         )
-    pool = load_server_data(dataset, seed, test_fraction, pretrain_fraction).pool
-    # Shuffle first: IidPartitioner cuts contiguous shards.
-    shuffled = pool.subset(np.random.default_rng([seed, 1]).permutation(len(pool)))
-    parts = _partition_indices(shuffled.y.numpy(), num_partitions, partitioning, alpha, seed)
-    part = shuffled.subset(parts[partition_id])
+    key = _as_key(dataset)
+    if is_partition_loader(key):
+        # the user's own per-client data: nothing to split or partition here
+        x, y = load_user_partition(key, partition_id, num_partitions)
+        stats = (
+            dict(zip(("mean", "std"), _channel_stats(x), strict=True))
+            if x.dtype == torch.uint8
+            else {}
+        )
+        part = Split(x, y, **stats)
+    else:
+        pool = load_server_data(key, seed, test_fraction, pretrain_fraction).pool
+        # Shuffle first: IidPartitioner cuts contiguous shards.
+        shuffled = pool.subset(np.random.default_rng([seed, 1]).permutation(len(pool)))
+        parts = _partition_indices(shuffled.y.numpy(), num_partitions, partitioning, alpha, seed)
+        part = shuffled.subset(parts[partition_id])
     order = np.random.default_rng([seed, 2, partition_id]).permutation(len(part))
     n_eval = max(1, round(LOCAL_EVAL_FRACTION * len(part))) if len(part) > 1 else 0
     return part.subset(order[n_eval:]), part.subset(order[:n_eval])

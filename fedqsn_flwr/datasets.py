@@ -16,7 +16,12 @@ built for. :mod:`fedqsn_flwr.data` then splits and partitions it.
   columns; optional ``test.csv``/``test.jsonl``) in ``data-dir``.
 * ``package.module:loader`` -- your own: a callable taking keyword arguments
   ``data_dir`` and ``seed`` and returning :class:`RawData`, an ``(x, y)`` pair or
-  an ``(x_train, y_train, x_test, y_test)`` tuple of tensors.
+  an ``(x_train, y_train, x_test, y_test)`` tuple of tensors. If it also takes
+  ``partition_id`` (and ``num_partitions``), it is a *partition loader*: called
+  with ``partition_id=None`` it returns the server's data (its test split is the
+  server's test set, its training examples the pretraining pool); called with a
+  partition id, that client's own ``(x, y)`` -- so every SuperNode can load its
+  own data from its own ``data-dir``, and nothing is partitioned here.
 
 Text is tokenized with :func:`tokenize`: lower-cased words hashed into
 ``vocab-size`` buckets (id 0 is padding), cut or padded to ``max-length`` -- no
@@ -26,6 +31,7 @@ vocabulary file, nothing to download, and every party gets the same ids.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import re
 import zlib
@@ -322,14 +328,45 @@ def load_digits_data() -> RawData:
     )
 
 
-def _from_user(key: DataKey) -> RawData:
+def _user_loader(key: DataKey) -> Any:
     from .models import load_factory
 
     try:
-        loader = load_factory(key.dataset)
+        return load_factory(key.dataset)
     except ValueError as err:
         raise DataError(str(err).replace("model", "dataset")) from err
-    result = loader(data_dir=key.data_dir, seed=0)
+
+
+def is_partition_loader(key: DataKey) -> bool:
+    """Whether ``key`` names a user loader that returns one client's partition."""
+    if ":" not in key.dataset:
+        return False
+    return "partition_id" in inspect.signature(_user_loader(key)).parameters
+
+
+def load_user_partition(
+    key: DataKey, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One client's ``(x, y)`` from a partition loader (see the module docstring)."""
+    loader = _user_loader(key)
+    kwargs: dict[str, Any] = {"data_dir": key.data_dir, "seed": 0, "partition_id": partition_id}
+    if "num_partitions" in inspect.signature(loader).parameters:
+        kwargs["num_partitions"] = num_partitions
+    result = loader(**kwargs)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise DataError(
+            f"partition loader '{key.dataset}' must return (x, y) for partition "
+            f"{partition_id}; got {type(result).__name__}"
+        )
+    return torch.as_tensor(result[0]), torch.as_tensor(result[1]).long()
+
+
+def _from_user(key: DataKey) -> RawData:
+    loader = _user_loader(key)
+    kwargs: dict[str, Any] = {"data_dir": key.data_dir, "seed": 0}
+    if "partition_id" in inspect.signature(loader).parameters:
+        kwargs["partition_id"] = None  # the server's own data
+    result = loader(**kwargs)
     if isinstance(result, RawData):
         return result
     if not isinstance(result, tuple) or len(result) not in (2, 4):

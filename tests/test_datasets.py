@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from fedqsn_flwr import datasets
 from fedqsn_flwr.data import input_spec, load_client_data, load_server_data
@@ -188,3 +189,51 @@ def test_a_users_loader_by_module_path(tmp_path, monkeypatch):
     assert raw.spec.shape == (2, 5, 5) and raw.spec.num_classes == 3
     with pytest.raises(DataError, match="callable"):
         load_raw(DataKey("my_data:missing"))
+
+
+def test_a_users_partition_loader_gives_each_client_its_own_data(
+    tmp_path, monkeypatch, base_config
+):
+    """Each node loads only its own partition; the server gets its own test/pretraining data."""
+    from fedqsn_flwr.config import validate
+    from fedqsn_flwr.models import build_model
+    from fedqsn_flwr.server import build_strategy, train_config
+    from tests.helpers import LocalGrid
+
+    (tmp_path / "my_parts.py").write_text(
+        "import torch\n"
+        "def load(data_dir, seed, partition_id=None, num_partitions=None):\n"
+        "    g = torch.Generator().manual_seed(0 if partition_id is None else 100 + partition_id)\n"
+        "    if partition_id is None:\n"
+        "        return (torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 10,\n"
+        "                torch.randn(20, 1, 8, 8, generator=g), torch.arange(20) % 10)\n"
+        "    n = 10 + 5 * partition_id\n"
+        "    return torch.full((n, 1, 8, 8), float(partition_id)), torch.full((n,), partition_id)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    key = DataKey("my_parts:load")
+    server = load_server_data(key, 0, 0.2, 0.1)
+    assert len(server.test) == 20 and len(server.pretrain) == 40 and len(server.pool) == 0
+    for partition in range(3):
+        train, evaluation = load_client_data(key, 0, 0.2, 0.1, partition, 3, "iid", 0.5)
+        assert len(train) + len(evaluation) == 10 + 5 * partition
+        assert train.y.eq(partition).all() and train.x.eq(float(partition)).all()
+    # and a federation runs on it
+    config = validate(
+        {
+            **base_config,
+            "dataset": "my_parts:load",
+            "min-nodes": 3,
+            "fraction-evaluate": 0.0,
+            "pretrain-epochs": 1,
+        }
+    )
+    model = build_model("cnn")
+    strategy = build_strategy(config, model, None)
+    result = strategy.start(
+        LocalGrid(3, config),
+        ArrayRecord(model.state_dict()),
+        num_rounds=1,
+        train_config=train_config(config),
+    )
+    assert strategy.round_log[1]["num_aggregated"] == 3 and len(result.arrays) > 0
