@@ -12,7 +12,9 @@ reply with :func:`encode_update` (see ``fedqsn_flwr/client.py``).
 """
 
 from .aggregation import ClientUpdate, apply_updates
+from .datasets import DataKey, RawData
 from .masking import MaskPolicy, apply_mask, draw_client_mask, draw_server_mask, policy_for_model
+from .models import InputSpec, build_model
 from .proxy import (
     LAYOUT_RECORD,
     PROXY_RECORD,
@@ -24,7 +26,15 @@ from .proxy import (
     encode_proxy,
     encode_update,
 )
-from .quantization import dequantize, normal_float_codebook, pack_bits, quantize, unpack_bits
+from .quantization import (
+    dequantize,
+    dequantize_packed,
+    normal_float_codebook,
+    pack_bits,
+    quantize,
+    quantize_packed,
+    unpack_bits,
+)
 from .strategy import METRICS_RECORD, FedQSN, MeasuredFedAvg
 
 __all__ = [
@@ -33,16 +43,21 @@ __all__ = [
     "PROXY_RECORD",
     "UPDATE_RECORD",
     "ClientUpdate",
+    "DataKey",
     "FedQSN",
+    "InputSpec",
     "InvalidUpdate",
     "MaskPolicy",
     "MeasuredFedAvg",
     "Proxy",
+    "RawData",
     "apply_mask",
     "apply_updates",
+    "build_model",
     "decode_proxy",
     "decode_update",
     "dequantize",
+    "dequantize_packed",
     "draw_client_mask",
     "draw_server_mask",
     "encode_proxy",
@@ -51,5 +66,6 @@ __all__ = [
     "pack_bits",
     "policy_for_model",
     "quantize",
+    "quantize_packed",
     "unpack_bits",
 ]
