@@ -443,13 +443,11 @@ class _NodeGrid:
         return list(self.nodes)
 
     def send_and_receive(self, messages: Any, timeout: float | None = None) -> list[Message]:
-        from flwr.app import Message as FlowerMessage
-
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
             record = MetricRecord({"partition-id": node - 1, "num-partitions": len(self.nodes)})
-            reply = FlowerMessage(RecordDict({METRICS_RECORD: record}), reply_to=message)
+            reply = Message(RecordDict({METRICS_RECORD: record}), reply_to=message)
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         return replies

@@ -224,10 +224,6 @@ MODELS: dict[str, ModelFactory] = {
     "transformer": TextTransformer,
 }
 
-# The names the earlier releases exported.
-DigitsCNN = SmallCNN
-DigitsMLP = MLP
-
 
 def is_factory_path(name: str) -> bool:
     """Whether ``name`` is a ``package.module:callable`` path rather than a built-in name."""

@@ -49,7 +49,7 @@ _CHUNK = 1 << 20
 
 
 class SimilarityReference:
-    """The global model's norms, to compare many proxies with it (see :func:`similarity`).
+    """The global model's norms, to compare many proxies with it (cosine, relative L2).
 
     Sums run tensor by tensor in float64, so comparing a proxy of a large model
     needs float64 copies of one tensor at a time, not of the whole model.
@@ -137,15 +137,6 @@ def unit_factors(proxy: Proxy) -> dict[str, float]:
         name: proxy.visible[name].numel() / proxy.state[name].shape[axis]
         for name, axis in proxy.unit_axes.items()
     }
-
-
-def similarity(
-    proxy: Mapping[str, torch.Tensor],
-    global_state: Mapping[str, torch.Tensor],
-    masked: list[str],
-) -> dict[str, float]:
-    """Cosine similarity and relative L2 distance, overall and on ``masked`` tensors."""
-    return SimilarityReference(global_state, masked)(proxy)
 
 
 class ExposureTracker:

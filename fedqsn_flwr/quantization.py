@@ -209,6 +209,17 @@ def _check_sizes(
         )
 
 
+def _kernel_inputs(
+    packed: torch.Tensor, scales: torch.Tensor, bit_width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed codes, float32 scales and the codebook as the kernels take them."""
+    return (
+        packed.reshape(-1).to(torch.uint8).contiguous().numpy(),
+        scales.reshape(-1).to(torch.float32).contiguous().numpy(),
+        _codebook(bit_width).numpy(),
+    )
+
+
 def dequantize_packed(
     packed: torch.Tensor,
     scales: torch.Tensor,
@@ -229,9 +240,7 @@ def dequantize_packed(
     from . import kernels
 
     values = kernels.dequantize_unpack(
-        packed.reshape(-1).to(torch.uint8).contiguous().numpy(),
-        scales.reshape(-1).to(torch.float32).contiguous().numpy(),
-        _codebook(bit_width).numpy(),
+        *_kernel_inputs(packed, scales, bit_width),
         bit_width,
         block_size,
         count,
@@ -271,9 +280,7 @@ def dequantize_into_units(
     if units_np.size > 1 and bool((np.diff(units_np) <= 0).any()):
         raise ValueError("unit indices must be strictly increasing")
     dense = kernels.dequantize_scatter(
-        packed.reshape(-1).to(torch.uint8).contiguous().numpy(),
-        scales.reshape(-1).to(torch.float32).contiguous().numpy(),
-        _codebook(bit_width).numpy(),
+        *_kernel_inputs(packed, scales, bit_width),
         bit_width,
         block_size,
         tuple(shape),
