@@ -388,7 +388,8 @@ def round_cases(rounds: int, num_nodes: int = 10) -> list[Case]:
     walls: dict[str, list[float]] = {name: [] for name in federations}
     server = {name: 0.0 for name in federations}
     settings = train_config(_bench_config(num_nodes))
-    for server_round in range(1, rounds + 2):
+    warm_up = 2  # partition queries, compilation, the machine settling
+    for server_round in range(1, rounds + warm_up + 1):
         for name, (strategy, grid, arrays) in federations.items():
             started = time.perf_counter()
             messages = strategy.configure_train(server_round, arrays, settings, grid)
@@ -396,7 +397,7 @@ def round_cases(rounds: int, num_nodes: int = 10) -> list[Case]:
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             elapsed = time.perf_counter() - started
             federations[name] = (strategy, grid, new_arrays or arrays)
-            if server_round == 1:  # warm-up: partition queries, compilation
+            if server_round <= warm_up:
                 continue
             walls[name].append(elapsed)
             log = strategy.round_log[server_round]
@@ -407,8 +408,8 @@ def round_cases(rounds: int, num_nodes: int = 10) -> list[Case]:
     wall = {name: statistics.median(times) for name, times in walls.items()}
     dev = _device_name(torch.device("cpu"))
     detail = (
-        f"default config, {num_nodes} clients, median of {rounds} rounds after a warm-up "
-        "round, the two strategies alternating round by round"
+        f"default config, {num_nodes} clients, median of {rounds} rounds after {warm_up} "
+        "warm-up rounds, the two strategies alternating round by round"
     )
     per_client = rounds * num_nodes
     return [
@@ -722,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedqsn_flwr.bench", description=__doc__)
     parser.add_argument("--json", type=Path, help="also write the cases to this JSON file")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (best kept)")
-    parser.add_argument("--rounds", type=int, default=10, help="timed rounds of the round case")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds of the round case")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--skip-large", action="store_true", help="skip the ~100 M model")
     parser.add_argument("--scale", action="store_true", help="run the many-nodes simulation")

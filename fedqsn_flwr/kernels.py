@@ -36,6 +36,7 @@ __all__ = [
     "dequantize_scatter",
     "dequantize_unpack",
     "quantize_pack",
+    "similarity_sums",
 ]
 
 if AVAILABLE:
@@ -181,12 +182,73 @@ if AVAILABLE:
                 for k in range(inner):
                     out[base + k] = np.float32(0.0)
 
+    @njit(parallel=True, cache=True)
+    def _similarity_sums(
+        packed: np.ndarray,
+        scales: np.ndarray,
+        levels: np.ndarray,
+        bit_width: int,
+        block_size: int,
+        outer: int,
+        units: np.ndarray,
+        hidden: np.ndarray,
+        num_units: int,
+        inner: int,
+        factor: float,
+        reference: np.ndarray,
+        out: np.ndarray,
+    ) -> None:
+        # Walks the codes as _dequantize_scatter does, but instead of writing the
+        # dense tensor it sums, per row o, a.b, a.a and (a-b)^2 in float64 against
+        # the dense reference b (a = decoded value * factor; a = 0 at hidden units).
+        mask = (1 << bit_width) - 1
+        visible = units.size
+        size = packed.size
+        for o in prange(outer):
+            i = o * visible * inner
+            block = i // block_size
+            boundary = (block + 1) * block_size
+            row = o * num_units
+            dot = 0.0
+            own = 0.0
+            gap = 0.0
+            for v in range(visible):
+                base = (row + units[v]) * inner
+                for k in range(inner):
+                    if i >= boundary:
+                        block += 1
+                        boundary += block_size
+                    if bit_width == 4:
+                        code = (np.int64(packed[i >> 1]) >> (((i & 1) ^ 1) << 2)) & 15
+                    else:
+                        bit = i * bit_width
+                        byte = bit >> 3
+                        word = np.int64(packed[byte]) << 8
+                        if byte + 1 < size:
+                            word |= np.int64(packed[byte + 1])
+                        code = (word >> (16 - bit_width - (bit & 7))) & mask
+                    a = np.float64(levels[code] * scales[block]) * factor
+                    b = np.float64(reference[base + k])
+                    dot += a * b
+                    own += a * a
+                    gap += (a - b) * (a - b)
+                    i += 1
+            for h in range(hidden.size):
+                base = (row + hidden[h]) * inner
+                for k in range(inner):
+                    b = np.float64(reference[base + k])
+                    gap += b * b
+            out[o, 0] = dot
+            out[o, 1] = own
+            out[o, 2] = gap
+
     # Starting the thread pool costs ~10 us per call: more than the whole work
     # on the small tensors of small models (biases, first layers).
     _block_absmax_serial = njit(cache=True)(_block_absmax.py_func)
     _quantize_pack_serial = njit(cache=True)(_quantize_pack.py_func)
     _dequantize_unpack_serial = njit(cache=True)(_dequantize_unpack.py_func)
     _dequantize_scatter_serial = njit(cache=True)(_dequantize_scatter.py_func)
+    _similarity_sums_serial = njit(cache=True)(_similarity_sums.py_func)
 
 #: Below this many values the kernels run on one thread.
 PARALLEL_THRESHOLD = 1 << 16
@@ -271,9 +333,72 @@ def dequantize_scatter(
         block_size,
         outer,
         units.astype(np.int64),
-        np.setdiff1d(np.arange(shape[axis]), units).astype(np.int64),
+        _hidden(shape[axis], units),
         shape[axis],
         inner,
         out,
     )
     return out.reshape(shape)
+
+
+def _hidden(num_units: int, units: np.ndarray) -> np.ndarray:
+    """The units in ``range(num_units)`` that are not in ``units`` (int64, increasing)."""
+    hidden = np.ones(num_units, dtype=bool)
+    hidden[units] = False
+    return np.flatnonzero(hidden).astype(np.int64, copy=False)
+
+
+def _rows(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
+    """``(outer, units, inner)``: ``shape`` seen as rows of units along ``axis``.
+
+    An unmasked tensor (``axis`` -1) is one unit per row of its first dimension,
+    so that large tensors still split into rows for the threads.
+    """
+    if axis < 0:
+        outer = shape[0] if len(shape) > 1 else 1
+        return outer, 1, math.prod(shape) // outer
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
+def similarity_sums(
+    packed: np.ndarray,
+    scales: np.ndarray,
+    levels: np.ndarray,
+    bit_width: int,
+    block_size: int,
+    shape: tuple[int, ...],
+    axis: int,
+    units: np.ndarray | None,
+    factor: float,
+    reference: np.ndarray,
+) -> tuple[float, float, float]:
+    """``(a.b, a.a, |a-b|^2)`` in float64 without building ``a``, the decoded dense tensor.
+
+    ``a`` is what :func:`dequantize_scatter` returns (``units`` None: every unit,
+    as :func:`dequantize_unpack`), times ``factor``; ``reference`` is ``b``, flat
+    float32 of ``shape``.
+    """
+    outer, num_units, inner = _rows(shape, axis)
+    if units is None:
+        units = np.arange(num_units)
+    count = outer * units.size * inner
+    out = np.empty((outer, 3), dtype=np.float64)
+    parallel = count >= PARALLEL_THRESHOLD and outer > 1
+    kernel = _similarity_sums if parallel else _similarity_sums_serial
+    kernel(
+        packed,
+        scales,
+        levels,
+        bit_width,
+        block_size,
+        outer,
+        units.astype(np.int64),
+        _hidden(num_units, units),
+        num_units,
+        inner,
+        float(factor),
+        reference,
+        out,
+    )
+    dot, own, gap = out.sum(axis=0)
+    return float(dot), float(own), float(gap)

@@ -19,8 +19,10 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
+from . import kernels
 from .masking import MaskPolicy, UnitMask, num_hidden
-from .proxy import Proxy
+from .proxy import PackedTensor, Proxy, unpack_tensor
+from .quantization import kernel_inputs
 
 
 def to_global_units(proxy: Proxy) -> dict[str, torch.Tensor]:
@@ -75,6 +77,7 @@ class SimilarityReference:
             for n in names
             if global_state[n].numel() <= _CHUNK
         }
+        self._flat: dict[str, np.ndarray] = {}
 
     def __call__(
         self, proxy: Mapping[str, torch.Tensor], factors: Mapping[str, float] | None = None
@@ -92,31 +95,78 @@ class SimilarityReference:
 
         Every float tensor of the global model must come by; others are ignored.
         """
-        dot: dict[str, float] = {}
-        own: dict[str, float] = {}
-        gap: dict[str, float] = {}
-        for name, tensor, factor in tensors:
-            if name not in self.squares:
+        sums = {
+            name: self._sums(name, tensor, factor)
+            for name, tensor, factor in tensors
+            if name in self.squares
+        }
+        return self._metrics(sums)
+
+    def compare_packed(
+        self, pieces: Iterable[PackedTensor], bit_width: int, block_size: int
+    ) -> dict[str, float]:
+        """As :meth:`compare`, straight from a message's packed tensors (:func:`iter_packed`).
+
+        Quantized tensors are compared code by code, without decoding them into
+        dense tensors first (see :func:`fedqsn_flwr.kernels.similarity_sums`); the
+        figures equal those of the decoded proxy up to float64 summation order.
+        """
+        sums: dict[str, tuple[float, float, float]] = {}
+        for piece in pieces:
+            if piece.name not in self.squares:
                 continue
-            if name in self.small:
-                b_small = self.small[name]
-                a_small = tensor.detach().cpu().reshape(-1).numpy().astype(np.float64) * factor
-                diff = a_small - b_small
-                # elementwise products, not `@`: a BLAS call would start OpenBLAS's
-                # spinning threads, which starve the numba and torch thread pools
-                dot[name] = float((a_small * b_small).sum())
-                own[name] = float((a_small * a_small).sum())
-                gap[name] = float((diff * diff).sum())
-                continue
-            a_flat, b_flat = tensor.reshape(-1), self.global_state[name].reshape(-1)
-            dot[name] = own[name] = gap[name] = 0.0
-            for start in range(0, a_flat.numel(), _CHUNK):
-                a = a_flat[start : start + _CHUNK].double() * factor
-                b = b_flat[start : start + _CHUNK].double()
-                dot[name] += float(a @ b)
-                own[name] += float(a @ a)
-                gap[name] += float((a - b).pow(2).sum())
-        if missing := sorted(set(self.squares) - set(dot)):
+            if piece.packed is not None and kernels.AVAILABLE:
+                assert piece.scales is not None
+                packed, scales, levels = kernel_inputs(piece.packed, piece.scales, bit_width)
+                units = None if piece.units is None else piece.units.numpy()
+                sums[piece.name] = kernels.similarity_sums(
+                    packed,
+                    scales,
+                    levels,
+                    bit_width,
+                    block_size,
+                    piece.shape,
+                    piece.axis,
+                    units,
+                    piece.unit_factor,
+                    self._flat32(piece.name),
+                )
+            else:
+                dense = unpack_tensor(piece, bit_width, block_size)
+                sums[piece.name] = self._sums(piece.name, dense, piece.unit_factor)
+        return self._metrics(sums)
+
+    def _flat32(self, name: str) -> np.ndarray:
+        if name not in self._flat:
+            tensor = self.global_state[name].detach().cpu().to(torch.float32)
+            self._flat[name] = tensor.contiguous().reshape(-1).numpy()
+        return self._flat[name]
+
+    def _sums(self, name: str, tensor: torch.Tensor, factor: float) -> tuple[float, float, float]:
+        """``(a.b, a.a, |a-b|^2)`` of ``a = tensor * factor`` and the global tensor ``b``."""
+        if name in self.small:
+            b_small = self.small[name]
+            a_small = tensor.detach().cpu().reshape(-1).numpy().astype(np.float64) * factor
+            diff = a_small - b_small
+            # elementwise products, not `@`: a BLAS call would start OpenBLAS's
+            # spinning threads, which starve the numba and torch thread pools
+            return (
+                float((a_small * b_small).sum()),
+                float((a_small * a_small).sum()),
+                float((diff * diff).sum()),
+            )
+        a_flat, b_flat = tensor.reshape(-1), self.global_state[name].reshape(-1)
+        dot = own = gap = 0.0
+        for start in range(0, a_flat.numel(), _CHUNK):
+            a = a_flat[start : start + _CHUNK].double() * factor
+            b = b_flat[start : start + _CHUNK].double()
+            dot += float(a @ b)
+            own += float(a @ a)
+            gap += float((a - b).pow(2).sum())
+        return dot, own, gap
+
+    def _metrics(self, sums: Mapping[str, tuple[float, float, float]]) -> dict[str, float]:
+        if missing := sorted(set(self.squares) - set(sums)):
             raise ValueError(f"proxy lacks tensors {missing}")
         out: dict[str, float] = {}
         for suffix, subset in self.subsets.items():
@@ -124,10 +174,13 @@ class SimilarityReference:
                 out[f"cosine_{suffix}"] = float("nan")
                 out[f"rel_l2_{suffix}"] = float("nan")
                 continue
-            a_norm = math.sqrt(sum(own[n] for n in subset))
+            dot = sum(sums[n][0] for n in subset)
+            a_norm = math.sqrt(sum(sums[n][1] for n in subset))
             b_norm = math.sqrt(sum(self.squares[n] for n in subset))
-            out[f"cosine_{suffix}"] = sum(dot[n] for n in subset) / max(a_norm * b_norm, 1e-300)
-            out[f"rel_l2_{suffix}"] = math.sqrt(sum(gap[n] for n in subset)) / max(b_norm, 1e-12)
+            out[f"cosine_{suffix}"] = dot / max(a_norm * b_norm, 1e-300)
+            out[f"rel_l2_{suffix}"] = math.sqrt(sum(sums[n][2] for n in subset)) / max(
+                b_norm, 1e-12
+            )
         return out
 
 

@@ -401,14 +401,62 @@ def message_units(arrays: ArrayRecord, layout: ConfigRecord) -> UnitMask:
     return out
 
 
-def iter_proxy(
-    arrays: ArrayRecord, layout: ConfigRecord, visible: UnitMask | None = None
-) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """Decode a proxy one dense tensor at a time: ``(name, tensor, unit axis or -1)``.
+@dataclass(frozen=True)
+class PackedTensor:
+    """One tensor of a proxy message as it travels, checked against the layout.
 
-    Holds one decoded tensor at a time (the server's privacy metrics use this on
-    large models); :func:`decode_proxy` collects them. Raises ValueError when the
-    arrays do not match the layout, after the last tensor at the latest.
+    Parameters
+    ----------
+    name : str
+        State-dict name.
+    shape : tuple[int, ...]
+        Full dense shape.
+    axis : int
+        Unit axis, -1 when unmasked.
+    units : torch.Tensor | None
+        Visible units along ``axis`` (None when unmasked).
+    packed : torch.Tensor | None
+        Bit-packed NF-k codes of the visible slice (None when not quantized).
+    scales : torch.Tensor | None
+        Their float32 block scales.
+    values : torch.Tensor | None
+        The visible slice's float32 values when sent unquantized, or a non-float
+        tensor's values (then ``axis`` is -1).
+
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    axis: int
+    units: torch.Tensor | None
+    packed: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    @property
+    def slice_shape(self) -> tuple[int, ...]:
+        """Shape of the visible slice (the full shape when unmasked)."""
+        if self.units is None:
+            return self.shape
+        out = list(self.shape)
+        out[self.axis] = self.units.numel()
+        return tuple(out)
+
+    @property
+    def unit_factor(self) -> float:
+        """The factor that undoes the unit scaling (1 when unmasked)."""
+        if self.units is None:
+            return 1.0
+        return self.units.numel() / self.shape[self.axis]
+
+
+def iter_packed(
+    arrays: ArrayRecord, layout: ConfigRecord, visible: UnitMask | None = None
+) -> Iterator[PackedTensor]:
+    """The tensors of a proxy message, one at a time, still packed.
+
+    Raises ValueError when the arrays do not match the layout (sizes, dtypes,
+    NaN/Inf scales), after the last tensor at the latest.
     """
     bit_width = int(layout["bit-width"])
     block_size = int(layout["block-size"])
@@ -421,12 +469,12 @@ def iter_proxy(
         shape = tuple(int(d) for d in layout[f"shape/{name}"])
         axis = int(layout[f"axis/{name}"])
         if name in arrays:  # non-float tensors travel as they are
-            yield name, torch.from_numpy(arrays[name].numpy().copy()).reshape(shape), -1
+            raw = torch.from_numpy(arrays[name].numpy().copy()).reshape(shape)
+            yield PackedTensor(name, shape, -1, None, values=raw)
             continue
-        slice_shape = list(shape)
-        if axis >= 0:
-            slice_shape[axis] = visible[name].numel()
-        count = math.prod(slice_shape)
+        units = visible[name] if axis >= 0 else None
+        piece = PackedTensor(name, shape, axis, units)
+        count = math.prod(piece.slice_shape)
         if name in quantized:
             block_scales = torch.from_numpy(
                 scales.take(num_blocks(count, block_size), name).astype(np.float32)
@@ -434,27 +482,45 @@ def iter_proxy(
             if not _all_finite(block_scales):
                 raise ValueError(f"proxy scales of '{name}' hold NaN or Inf")
             packed = torch.from_numpy(codes.take(packed_size(count, bit_width), name).copy())
-            if axis >= 0:
-                yield (
-                    name,
-                    dequantize_into_units(
-                        packed, block_scales, bit_width, block_size, shape, axis, visible[name]
-                    ),
-                    axis,
-                )
-                continue
-            values = dequantize_packed(packed, block_scales, bit_width, block_size, count)
+            yield PackedTensor(name, shape, axis, units, packed=packed, scales=block_scales)
         else:
             values = torch.from_numpy(floats.take(count, name).copy())
-        values = values.view(slice_shape)
-        if axis < 0:
-            yield name, values, -1
-            continue
-        dense = torch.zeros(shape, dtype=values.dtype)
-        dense.index_copy_(axis, visible[name], values)
-        yield name, dense, axis
+            yield PackedTensor(name, shape, axis, units, values=values)
     for reader in (codes, scales, floats):
         reader.check_consumed()
+
+
+def unpack_tensor(piece: PackedTensor, bit_width: int, block_size: int) -> torch.Tensor:
+    """The dense tensor a client trains: decoded visible units, hidden units zero."""
+    if piece.packed is None:
+        assert piece.values is not None
+        values = piece.values.view(piece.slice_shape)
+        if piece.units is None:
+            return values
+        dense = torch.zeros(piece.shape, dtype=values.dtype)
+        return dense.index_copy_(piece.axis, piece.units, values)
+    assert piece.scales is not None
+    if piece.units is None:
+        count = math.prod(piece.shape)
+        values = dequantize_packed(piece.packed, piece.scales, bit_width, block_size, count)
+        return values.view(piece.shape)
+    return dequantize_into_units(
+        piece.packed, piece.scales, bit_width, block_size, piece.shape, piece.axis, piece.units
+    )
+
+
+def iter_proxy(
+    arrays: ArrayRecord, layout: ConfigRecord, visible: UnitMask | None = None
+) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """Decode a proxy one dense tensor at a time: ``(name, tensor, unit axis or -1)``.
+
+    Holds one decoded tensor at a time; :func:`decode_proxy` collects them.
+    Raises ValueError when the arrays do not match the layout, after the last
+    tensor at the latest.
+    """
+    bit_width, block_size = int(layout["bit-width"]), int(layout["block-size"])
+    for piece in iter_packed(arrays, layout, visible):
+        yield piece.name, unpack_tensor(piece, bit_width, block_size), piece.axis
 
 
 def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:

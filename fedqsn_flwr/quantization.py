@@ -209,7 +209,7 @@ def _check_sizes(
         )
 
 
-def _kernel_inputs(
+def kernel_inputs(
     packed: torch.Tensor, scales: torch.Tensor, bit_width: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Packed codes, float32 scales and the codebook as the kernels take them."""
@@ -240,7 +240,7 @@ def dequantize_packed(
     from . import kernels
 
     values = kernels.dequantize_unpack(
-        *_kernel_inputs(packed, scales, bit_width),
+        *kernel_inputs(packed, scales, bit_width),
         bit_width,
         block_size,
         count,
@@ -280,7 +280,7 @@ def dequantize_into_units(
     if units_np.size > 1 and bool((np.diff(units_np) <= 0).any()):
         raise ValueError("unit indices must be strictly increasing")
     dense = kernels.dequantize_scatter(
-        *_kernel_inputs(packed, scales, bit_width),
+        *kernel_inputs(packed, scales, bit_width),
         bit_width,
         block_size,
         tuple(shape),

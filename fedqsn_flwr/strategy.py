@@ -46,12 +46,12 @@ from .proxy import (
     UPDATE_BIT_WIDTHS,
     UPDATE_RECORD,
     InvalidUpdate,
+    PackedTensor,
     ProxySpec,
     decode_proxy,
     decode_update,
     encode_proxy,
-    iter_proxy,
-    message_units,
+    iter_packed,
     proxy_layout,
 )
 
@@ -534,16 +534,12 @@ class FedQSN(MeasuredFedAvg):
             state, self.policy, self.bit_width, self.block_size, self.update_bit_width
         )
 
-    def _exposed_tensors(
-        self, arrays: ArrayRecord, layout: ConfigRecord
-    ) -> Iterator[tuple[str, torch.Tensor, float]]:
-        """Decode one tensor at a time, marking it exposed; yield it in global units."""
+    def _exposed_pieces(self, arrays: ArrayRecord, layout: ConfigRecord) -> Iterator[PackedTensor]:
+        """The message's tensors, still packed, each marked exposed as it comes by."""
         assert self._exposure is not None
-        visible = message_units(arrays, layout)
-        for name, tensor, axis in iter_proxy(arrays, layout, visible):
-            self._exposure.add_tensor(name, axis, visible.get(name))
-            factor = visible[name].numel() / tensor.shape[axis] if axis >= 0 else 1.0
-            yield name, tensor, factor
+        for piece in iter_packed(arrays, layout):
+            self._exposure.add_tensor(piece.name, piece.axis, piece.units)
+            yield piece
 
     def _on_device(
         self, arrays: ArrayRecord, state: Mapping[str, torch.Tensor] | None = None
@@ -580,10 +576,14 @@ class FedQSN(MeasuredFedAvg):
             # Everything below looks at what the message carries, decoded as a client would.
             sent, layout = message.content[PROXY_RECORD], message.content[LAYOUT_RECORD]
             if self.proxy_evaluate_fn is None:
-                # one decoded tensor at a time: the metrics of a large model's proxy
-                # need memory for one tensor, not for the whole proxy
+                # straight from the codes, one tensor at a time: the metrics of a
+                # large model's proxy need no decoded copy of it
                 assert reference is not None
-                found = reference.compare(self._exposed_tensors(sent, layout))
+                found = reference.compare_packed(
+                    self._exposed_pieces(sent, layout),
+                    int(layout["bit-width"]),
+                    int(layout["block-size"]),
+                )
             else:
                 proxy = decode_proxy(sent, layout)
                 accuracies.append(self.proxy_evaluate_fn(proxy.state))

@@ -60,7 +60,13 @@ def train(
     params = dict(model.named_parameters())
     anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu else {}
     device = model_device(model)
-    frozen = {name: mask.to(device) for name, mask in (frozen or {}).items() if name in params}
+    # 0/1 factors rather than masked_fill_ with the (broadcast) masks: a multiply
+    # by a dense tensor is several times cheaper per step on small layers.
+    keep = {
+        name: (~mask).to(device=device, dtype=params[name].dtype).contiguous()
+        for name, mask in (frozen or {}).items()
+        if name in params
+    }
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -76,8 +82,8 @@ def train(
                 drift = sum((params[n] - a).pow(2).sum() for n, a in anchor.items())
                 objective = loss + proximal_mu / 2 * drift
             objective.backward()
-            for name, mask in frozen.items():
-                params[name].grad.masked_fill_(mask, 0.0)
+            for name, factor in keep.items():
+                params[name].grad.mul_(factor)
             optimizer.step()
             total += loss.item()
             batches += 1

@@ -10,6 +10,7 @@ from fedqsn_flwr.quantization import (
     dequantize,
     dequantize_into_units,
     dequantize_packed,
+    normal_float_codebook,
     pack_bits,
     quantize,
     quantize_packed,
@@ -123,3 +124,47 @@ def test_scatter_kernel_equals_dequantize_then_index_copy(shape, axis):
         dequantize(unpack_bits(packed, 3, values.numel()), scales, 3, 50).view(slice_shape),
     )
     assert torch.equal(fast, reference)
+
+
+def _dense_sums(dense: torch.Tensor, factor: float, reference: torch.Tensor) -> np.ndarray:
+    a, b = dense.double().reshape(-1) * factor, reference.double().reshape(-1)
+    return np.array([float(a @ b), float(a @ a), float((a - b).pow(2).sum())])
+
+
+@pytest.mark.parametrize("bit_width", [2, 3, 4, 8])
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((6, 40), 1), ((5, 9, 3, 3), 1), ((7, 11), 0), ((300, 400), 1), ((9, 13), -1), ((37,), -1)],
+)
+def test_similarity_sums_equal_sums_over_the_decoded_tensor(bit_width, shape, axis):
+    generator = torch.Generator().manual_seed(11)
+    reference = torch.randn(shape, generator=generator)
+    units = None
+    slice_shape = list(shape)
+    if axis >= 0:
+        units = torch.sort(
+            torch.randperm(shape[axis], generator=generator)[: shape[axis] * 2 // 3]
+        ).values
+        slice_shape[axis] = units.numel()
+    values = torch.randn(slice_shape, generator=generator)
+    packed, scales = quantize_packed(values, bit_width, 50)
+    if units is None:
+        dense = dequantize_packed(packed, scales, bit_width, 50, values.numel()).view(shape)
+    else:
+        dense = dequantize_into_units(packed, scales, bit_width, 50, shape, axis, units)
+    factor = 1.25
+    expected = _dense_sums(dense, factor, reference)
+    found = kernels.similarity_sums(
+        packed.numpy(),
+        scales.numpy(),
+        normal_float_codebook(bit_width).numpy(),
+        bit_width,
+        50,
+        shape,
+        axis,
+        None if units is None else units.numpy(),
+        factor,
+        reference.reshape(-1).numpy(),
+    )
+    # the hidden units' share of the gap is counted: it is most of it here
+    np.testing.assert_allclose(found, expected, rtol=1e-12, atol=0)

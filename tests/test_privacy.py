@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedqsn_flwr.masking import policy_for_model
 from fedqsn_flwr.models import build_model
+from fedqsn_flwr.privacy import SimilarityReference, to_global_units
 from fedqsn_flwr.proxy import LAYOUT_RECORD, PROXY_RECORD, decode_proxy, message_units
 from fedqsn_flwr.strategy import FedQSN, message_bytes
 from tests.helpers import LocalGrid
@@ -111,3 +112,34 @@ def test_hidden_units_of_the_global_model_never_move(base_config):
         assert not torch.equal(
             final[name].index_select(axis, visible), start[name].index_select(axis, visible)
         )
+
+
+@pytest.mark.parametrize("bits", [4, 3, None])
+def test_logged_similarity_is_that_of_the_decoded_messages(base_config, bits):
+    """The server's figures (computed from the codes) describe what clients decode."""
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    state = model.state_dict()
+    strategy = FedQSN(
+        policy_for_model(model),
+        server_mask_ratio=0.3,
+        client_mask_ratio=0.2,
+        bit_width=bits,
+        block_size=64,
+        seed=3,
+        min_train_nodes=4,
+        min_available_nodes=4,
+    )
+    messages = strategy.configure_train(
+        1, ArrayRecord(state), ConfigRecord(), LocalGrid(4, base_config)
+    )
+    reference = SimilarityReference(state, list(strategy.policy.unit_axes))
+    expected: dict[str, float] = {}
+    for message in messages:
+        proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
+        for key, value in reference(to_global_units(proxy)).items():
+            expected[key] = expected.get(key, 0.0) + value / len(messages)
+    logged = strategy.round_log[1]
+    assert expected["cosine_masked"] < 0.99  # masks and codes moved the proxy away
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
