@@ -57,6 +57,18 @@ if AVAILABLE:
                     peak = value
             out[block] = peak
 
+    @njit(inline="always")
+    def _nf_code(
+        x: float, cell_counts: np.ndarray, bounds: np.ndarray, half_cells: float, num_cells: int
+    ) -> int:
+        # A uniform grid finer than half the smallest gap between midpoints
+        # guesses the count of midpoints below x to within one (float rounding
+        # can land x in a neighbouring cell); two comparisons with the
+        # neighbouring midpoints make it exact.
+        cell = min(max(int((x + np.float32(1.0)) * half_cells), 0), num_cells - 1)
+        guess = cell_counts[cell]
+        return guess + (x > bounds[guess + 1]) - (x <= bounds[guess])
+
     @njit(parallel=True, cache=True)
     def _quantize_pack(
         flat: np.ndarray,
@@ -67,11 +79,30 @@ if AVAILABLE:
         block_size: int,
         out: np.ndarray,
     ) -> None:
-        # Eight codes of k bits fill exactly k bytes, so groups of eight codes are
-        # independent and can be packed in parallel.
         numel = flat.size
         num_cells = cell_counts.size
         half_cells = np.float32(num_cells / 2)
+        if bit_width == 4 and block_size % 2 == 0:
+            # The common case: blocks start on a byte, so a thread takes whole
+            # blocks and packs two codes per byte with no per-value bookkeeping.
+            for block in prange(scales.size):
+                scale = scales[block]
+                if scale <= 0:
+                    scale = np.float32(1.0)
+                start = block * block_size
+                end = min(start + block_size, numel)
+                for j in range(start >> 1, (end + 1) >> 1):
+                    i = 2 * j
+                    high = _nf_code(flat[i] / scale, cell_counts, bounds, half_cells, num_cells)
+                    low = 0
+                    if i + 1 < end:
+                        low = _nf_code(
+                            flat[i + 1] / scale, cell_counts, bounds, half_cells, num_cells
+                        )
+                    out[j] = np.uint8((high << 4) | low)
+            return
+        # Eight codes of k bits fill exactly k bytes, so groups of eight codes are
+        # independent and can be packed in parallel.
         num_groups = (numel + 7) // 8
         for group in prange(num_groups):
             acc = np.uint64(0)
@@ -89,20 +120,65 @@ if AVAILABLE:
                     scale = scales[block]
                     if scale <= 0:
                         scale = np.float32(1.0)
-                    x = flat[i] / scale
-                    # A uniform grid finer than half the smallest gap between
-                    # midpoints guesses the count of midpoints below x to within
-                    # one (float rounding can land x in a neighbouring cell);
-                    # two comparisons with the neighbouring midpoints make it exact.
-                    cell = min(max(int((x + np.float32(1.0)) * half_cells), 0), num_cells - 1)
-                    guess = cell_counts[cell]
-                    code = guess + (x > bounds[guess + 1]) - (x <= bounds[guess])
+                    code = _nf_code(flat[i] / scale, cell_counts, bounds, half_cells, num_cells)
                 acc = (acc << np.uint64(bit_width)) | np.uint64(code)
             base = group * bit_width
             for t in range(bit_width):
                 if base + t < out.size:
                     shift = np.uint64(8 * (bit_width - 1 - t))
                     out[base + t] = np.uint8((acc >> shift) & np.uint64(0xFF))
+
+    @njit(inline="always")
+    def _code(packed: np.ndarray, bit_width: int, i: int) -> int:
+        # Code i sits at bit i * k of the MSB-first stream and spans at most two bytes.
+        bit = i * bit_width
+        byte = bit >> 3
+        word = np.int64(packed[byte]) << 8
+        if byte + 1 < packed.size:
+            word |= np.int64(packed[byte + 1])
+        return (word >> (16 - bit_width - (bit & 7))) & ((1 << bit_width) - 1)
+
+    @njit(cache=True)
+    def _decode_run(
+        packed: np.ndarray,
+        scales: np.ndarray,
+        levels: np.ndarray,
+        bit_width: int,
+        block_size: int,
+        i: int,
+        count: int,
+        out: np.ndarray,
+        pos: int,
+    ) -> None:
+        """Decode codes ``i .. i+count-1`` into ``out[pos .. pos+count-1]``."""
+        block = i // block_size
+        while count > 0:
+            run = min(count, (block + 1) * block_size - i)
+            scale = scales[block]
+            if bit_width == 4:
+                # Two codes per byte: a byte at a time once i is even, so the
+                # loop has no per-value shift to compute (several times faster).
+                if i & 1:
+                    out[pos] = levels[packed[i >> 1] & 15] * scale
+                    i += 1
+                    pos += 1
+                    run -= 1
+                    count -= 1
+                first = i >> 1
+                for j in range(run >> 1):
+                    byte = packed[first + j]
+                    out[pos + 2 * j] = levels[byte >> 4] * scale
+                    out[pos + 2 * j + 1] = levels[byte & 15] * scale
+                done = run & ~1
+                if run & 1:
+                    out[pos + done] = levels[packed[(i + done) >> 1] >> 4] * scale
+            else:
+                for j in range(run):
+                    out[pos + j] = levels[_code(packed, bit_width, i + j)] * scale
+            i += run
+            pos += run
+            count -= run
+            block += 1
 
     @njit(parallel=True, cache=True)
     def _dequantize_unpack(
@@ -114,25 +190,20 @@ if AVAILABLE:
         out: np.ndarray,
     ) -> None:
         numel = out.size
-        mask = np.uint64((1 << bit_width) - 1)
-        num_groups = (numel + 7) // 8
-        for group in prange(num_groups):
-            acc = np.uint64(0)
-            base = group * bit_width
-            for t in range(bit_width):
-                byte = packed[base + t] if base + t < packed.size else np.uint8(0)
-                acc = (acc << np.uint64(8)) | np.uint64(byte)
-            block = (group * 8) // block_size
-            boundary = (block + 1) * block_size
-            for j in range(8):
-                i = group * 8 + j
-                if i < numel:
-                    if i >= boundary:
-                        block += 1
-                        boundary += block_size
-                    shift = np.uint64(bit_width * (7 - j))
-                    code = (acc >> shift) & mask
-                    out[i] = levels[code] * scales[block]
+        chunk = 1 << 14
+        for c in prange((numel + chunk - 1) // chunk):
+            start = c * chunk
+            _decode_run(
+                packed,
+                scales,
+                levels,
+                bit_width,
+                block_size,
+                start,
+                min(chunk, numel - start),
+                out,
+                start,
+            )
 
     @njit(parallel=True, cache=True)
     def _dequantize_scatter(
@@ -149,38 +220,45 @@ if AVAILABLE:
         out: np.ndarray,
     ) -> None:
         # The codes are the visible slice (outer, len(units), inner) in row-major
-        # order; row o of the dense (outer, num_units, inner) output gets decoded
-        # values at its visible units and zeros at its hidden ones, so the output
-        # needs no zeroing first. Code i sits at bit i * k of the MSB-first stream.
-        mask = (1 << bit_width) - 1
+        # order: segment (o, v) is `inner` consecutive codes that belong at unit
+        # units[v] of row o of the dense (outer, num_units, inner) output. Hidden
+        # units get zeros, so the output needs no zeroing first.
         visible = units.size
-        size = packed.size
-        for o in prange(outer):
-            i = o * visible * inner
-            block = i // block_size
-            boundary = (block + 1) * block_size
-            row = o * num_units
-            for v in range(visible):
-                base = (row + units[v]) * inner
-                for k in range(inner):
-                    if i >= boundary:
-                        block += 1
-                        boundary += block_size
-                    if bit_width == 4:  # the common case: two codes per byte
-                        code = (np.int64(packed[i >> 1]) >> (((i & 1) ^ 1) << 2)) & 15
-                    else:
-                        bit = i * bit_width
-                        byte = bit >> 3
-                        word = np.int64(packed[byte]) << 8
-                        if byte + 1 < size:
-                            word |= np.int64(packed[byte + 1])
-                        code = (word >> (16 - bit_width - (bit & 7))) & mask
-                    out[base + k] = levels[code] * scales[block]
-                    i += 1
-            for h in range(hidden.size):
-                base = (row + hidden[h]) * inner
+        if inner >= 8:  # long segments: one thread per segment
+            for segment in prange(outer * visible):
+                o = segment // visible
+                pos = (o * num_units + units[segment - o * visible]) * inner
+                _decode_run(
+                    packed, scales, levels, bit_width, block_size, segment * inner, inner, out, pos
+                )
+            for segment in prange(outer * hidden.size):
+                o = segment // hidden.size
+                base = (o * num_units + hidden[segment - o * hidden.size]) * inner
                 for k in range(inner):
                     out[base + k] = np.float32(0.0)
+        else:  # short segments (e.g. input units of a Linear): rows, a chunk per thread
+            length = visible * inner
+            chunks = min(outer, 256)
+            for c in prange(chunks):
+                # decode a row's codes in one run, then place them unit by unit
+                row = np.empty(length, dtype=np.float32)
+                for o in range(c * outer // chunks, (c + 1) * outer // chunks):
+                    _decode_run(
+                        packed, scales, levels, bit_width, block_size, o * length, length, row, 0
+                    )
+                    dense = out[o * num_units * inner : (o + 1) * num_units * inner]
+                    if inner == 1:  # the common case, as a plain gather (2-3x faster)
+                        for v in range(visible):
+                            dense[units[v]] = row[v]
+                        for h in range(hidden.size):
+                            dense[hidden[h]] = np.float32(0.0)
+                    else:
+                        for v in range(visible):
+                            start = units[v] * inner
+                            dense[start : start + inner] = row[v * inner : (v + 1) * inner]
+                        for h in range(hidden.size):
+                            start = hidden[h] * inner
+                            dense[start : start + inner] = np.float32(0.0)
 
     @njit(parallel=True, cache=True)
     def _similarity_sums(
@@ -201,9 +279,7 @@ if AVAILABLE:
         # Walks the codes as _dequantize_scatter does, but instead of writing the
         # dense tensor it sums, per row o, a.b, a.a and (a-b)^2 in float64 against
         # the dense reference b (a = decoded value * factor; a = 0 at hidden units).
-        mask = (1 << bit_width) - 1
         visible = units.size
-        size = packed.size
         for o in prange(outer):
             i = o * visible * inner
             block = i // block_size
@@ -221,12 +297,7 @@ if AVAILABLE:
                     if bit_width == 4:
                         code = (np.int64(packed[i >> 1]) >> (((i & 1) ^ 1) << 2)) & 15
                     else:
-                        bit = i * bit_width
-                        byte = bit >> 3
-                        word = np.int64(packed[byte]) << 8
-                        if byte + 1 < size:
-                            word |= np.int64(packed[byte + 1])
-                        code = (word >> (16 - bit_width - (bit & 7))) & mask
+                        code = _code(packed, bit_width, i)
                     a = np.float64(levels[code] * scales[block]) * factor
                     b = np.float64(reference[base + k])
                     dot += a * b
@@ -323,7 +394,7 @@ def dequantize_scatter(
     inner = math.prod(shape[axis + 1 :])
     count = outer * units.size * inner
     out = np.empty(math.prod(shape), dtype=np.float32)
-    parallel = count >= PARALLEL_THRESHOLD and outer > 1
+    parallel = count >= PARALLEL_THRESHOLD
     kernel = _dequantize_scatter if parallel else _dequantize_scatter_serial
     kernel(
         packed,

@@ -153,7 +153,9 @@ def _visible_values(
         return tensor.to(torch.float32)
     axis, units = policy.unit_axes[name], visible[name]
     scale = unit_scale(policy.unit_counts[name], units)
-    return take_units(tensor, axis, units).to(torch.float32) * scale
+    # index_select returns a new tensor: scaling it in place saves a model-sized
+    # allocation (its page faults cost more than the multiply)
+    return take_units(tensor, axis, units).to(torch.float32).mul_(scale)
 
 
 def array_values(array: Array) -> np.ndarray:

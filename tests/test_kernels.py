@@ -92,21 +92,28 @@ def test_search_grid_is_finer_than_half_the_smallest_gap():
 
 
 @pytest.mark.parametrize("bit_width", [2, 3, 4, 8])
-def test_parallel_kernels_equal_the_reference_on_large_tensors(bit_width):
-    values = torch.cat([_hard_values(bit_width, 64), torch.randn(kernels.PARALLEL_THRESHOLD)])
-    codes, scales = quantize(values, bit_width, 64)
-    packed, fast_scales = quantize_packed(values, bit_width, 64, backend="numba")
+@pytest.mark.parametrize("block_size", [64, 7])
+def test_parallel_kernels_equal_the_reference_on_large_tensors(bit_width, block_size):
+    values = torch.cat(
+        [_hard_values(bit_width, block_size), torch.randn(kernels.PARALLEL_THRESHOLD)]
+    )
+    codes, scales = quantize(values, bit_width, block_size)
+    packed, fast_scales = quantize_packed(values, bit_width, block_size, backend="numba")
     assert torch.equal(fast_scales, scales)
     assert torch.equal(packed, pack_bits(codes, bit_width))
-    reference = dequantize(codes, scales, bit_width, 64)
-    fast = dequantize_packed(packed, scales, bit_width, 64, values.numel(), backend="numba")
+    reference = dequantize(codes, scales, bit_width, block_size)
+    fast = dequantize_packed(packed, scales, bit_width, block_size, values.numel(), backend="numba")
     assert torch.equal(fast, reference)
 
 
+@pytest.mark.parametrize("bit_width, block_size", [(3, 50), (4, 64), (4, 7), (5, 64)])
 @pytest.mark.parametrize(
-    "shape, axis", [((6, 40), 1), ((5, 9, 3, 3), 1), ((7, 11), 0), ((4, 300, 60), 1)]
+    "shape, axis",
+    [((6, 40), 1), ((5, 9, 3, 3), 1), ((7, 11), 0), ((4, 300, 60), 1), ((300, 400), 0)],
 )
-def test_scatter_kernel_equals_dequantize_then_index_copy(shape, axis):
+def test_scatter_kernel_equals_dequantize_then_index_copy(shape, axis, bit_width, block_size):
+    # short and long unit segments, odd segment lengths and block sizes (4-bit codes
+    # then start mid-byte), and a tensor large enough for the parallel kernel
     generator = torch.Generator().manual_seed(5)
     units = torch.sort(
         torch.randperm(shape[axis], generator=generator)[: shape[axis] * 2 // 3]
@@ -114,14 +121,17 @@ def test_scatter_kernel_equals_dequantize_then_index_copy(shape, axis):
     slice_shape = list(shape)
     slice_shape[axis] = units.numel()
     values = torch.randn(slice_shape, generator=generator)
-    packed, scales = quantize_packed(values, 3, 50)
-    fast = dequantize_into_units(packed, scales, 3, 50, shape, axis, units, backend="numba")
-    slow = dequantize_into_units(packed, scales, 3, 50, shape, axis, units, backend="torch")
+    packed, scales = quantize_packed(values, bit_width, block_size)
+    args = (packed, scales, bit_width, block_size, shape, axis, units)
+    fast = dequantize_into_units(*args, backend="numba")
+    slow = dequantize_into_units(*args, backend="torch")
     assert torch.equal(fast, slow)
     reference = torch.zeros(shape).index_copy_(
         axis,
         units,
-        dequantize(unpack_bits(packed, 3, values.numel()), scales, 3, 50).view(slice_shape),
+        dequantize(
+            unpack_bits(packed, bit_width, values.numel()), scales, bit_width, block_size
+        ).view(slice_shape),
     )
     assert torch.equal(fast, reference)
 
