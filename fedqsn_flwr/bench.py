@@ -390,7 +390,11 @@ def round_cases(rounds: int, num_nodes: int = 10) -> list[Case]:
     settings = train_config(_bench_config(num_nodes))
     warm_up = 2  # partition queries, compilation, the machine settling
     for server_round in range(1, rounds + warm_up + 1):
-        for name, (strategy, grid, arrays) in federations.items():
+        # A-B, B-A, A-B, ...: the machine's speed drifts, and alternating which
+        # strategy goes first cancels a steady drift within each pair of rounds
+        order = list(federations)[:: 1 if server_round % 2 else -1]
+        for name in order:
+            strategy, grid, arrays = federations[name]
             started = time.perf_counter()
             messages = strategy.configure_train(server_round, arrays, settings, grid)
             replies = grid.send_and_receive(messages)
@@ -409,7 +413,7 @@ def round_cases(rounds: int, num_nodes: int = 10) -> list[Case]:
     dev = _device_name(torch.device("cpu"))
     detail = (
         f"default config, {num_nodes} clients, median of {rounds} rounds after {warm_up} "
-        "warm-up rounds, the two strategies alternating round by round"
+        "warm-up rounds, the two strategies alternating round by round (A-B, B-A, ...)"
     )
     per_client = rounds * num_nodes
     return [
