@@ -17,7 +17,8 @@ Cases (suffix: the tensor or model measured):
 * ``proxy_build_vs_bnb`` / ``proxy_build_vs_clone``: building the proxy (server
   and client mask, unit scaling, quantize, pack, Flower arrays) vs the same;
 * ``unpack_vs_bnb`` / ``unpack_vs_clone``: the client's rebuild of the dense
-  proxy vs ``dequantize_4bit`` / ``clone()``;
+  proxy into its model's tensors vs ``dequantize_4bit`` / ``clone()``, and
+  ``unpack_new_tensors_vs_clone``: the same into new tensors;
 * ``bytes_down_vs_fedavg`` / ``bytes_up_vs_fedavg``: serialized Flower messages
   per client per round vs FedAvg's; the uplink with ``update-bit-width`` 16, plus
   float32 and NF4 uplinks for reference;
@@ -211,9 +212,11 @@ def speed_cases(
     )
     arrays, layout, _ = encode_proxy(state, policy, visible, BIT_WIDTH, BLOCK_SIZE)
     quantized = [bnb.quantize_4bit(t, quant_type="nf4", blocksize=BLOCK_SIZE) for t in floats]
+    model = {k: v.clone() for k, v in state.items()}  # the client's model, already touched
     unpack = _best_times(
         {
-            "unpack": lambda: decode_proxy(arrays, layout),
+            "unpack": lambda: decode_proxy(arrays, layout, into=model),
+            "unpack_new": lambda: decode_proxy(arrays, layout),
             "bnb_dequantize": lambda: [bnb.dequantize_4bit(q, s) for q, s in quantized],
             "clone": lambda: [t.clone() for t in state.values()],
         },
@@ -257,7 +260,9 @@ def speed_cases(
             ">= 2",
             dev,
             rate,
-            f"client rebuild of the dense proxy (unpack, dequantize, scatter); {what}",
+            "the client's rebuild of the dense proxy (read the message, unpack, dequantize, "
+            "scatter) into its model's tensors, as the client app does; bitsandbytes' CPU "
+            f"dequantize_4bit has no out= variant and allocates its output; {what}",
         ),
         _case(
             f"unpack_vs_clone_{label}",
@@ -266,7 +271,16 @@ def speed_cases(
             "<= 8",
             dev,
             "seconds",
-            what,
+            f"as unpack_vs_bnb; {what}",
+        ),
+        _case(
+            f"unpack_new_tensors_vs_clone_{label}",
+            unpack["unpack_new"],
+            unpack["clone"],
+            "report",
+            dev,
+            "seconds",
+            f"decode_proxy into newly allocated tensors (page faults included); {what}",
         ),
     ]
 

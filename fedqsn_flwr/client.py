@@ -12,7 +12,7 @@ from .data import Split, input_spec, load_client_data
 from .datasets import data_key
 from .masking import derive_seed
 from .models import build_model
-from .proxy import PROXY_RECORD, UPDATE_RECORD, encode_update, received_model
+from .proxy import PROXY_RECORD, UPDATE_RECORD, encode_update, load_received
 from .strategy import METRICS_RECORD, NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 from .training import evaluate, pick_device, train
 
@@ -71,10 +71,10 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
     """Train the received proxy on the local split; reply with its update."""
     torch.set_num_threads(1)
     train_split, _ = client_data(config, context)
-    proxy = received_model(message.content)
     settings = message.content["config"]
     model = _model(config)
-    model.load_state_dict(proxy.state)
+    # decoded straight into the model: no second dense copy of it on the client
+    proxy = load_received(model, message.content)
     partition_id, _ = partition_of(context)
     loss = train(
         model,
@@ -99,7 +99,7 @@ def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any
     torch.set_num_threads(1)
     _, eval_split = client_data(config, context)
     model = _model(config)
-    model.load_state_dict(received_model(message.content).state)
+    load_received(model, message.content)
     loss, accuracy = evaluate(model, eval_split)
     metrics = MetricRecord({"num-examples": len(eval_split), "loss": loss, "accuracy": accuracy})
     return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)

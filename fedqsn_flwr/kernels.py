@@ -205,8 +205,13 @@ if AVAILABLE:
                 start,
             )
 
+    # The scatter kernels decode the visible slice (outer, len(units), inner), whose
+    # codes are in row-major order, into the dense (outer, num_units, inner) output:
+    # segment (o, v) is `inner` consecutive codes that belong at unit units[v] of
+    # row o. Hidden units get zeros, so the output needs no zeroing first.
+
     @njit(parallel=True, cache=True)
-    def _dequantize_scatter(
+    def _scatter_long(
         packed: np.ndarray,
         scales: np.ndarray,
         levels: np.ndarray,
@@ -219,46 +224,58 @@ if AVAILABLE:
         inner: int,
         out: np.ndarray,
     ) -> None:
-        # The codes are the visible slice (outer, len(units), inner) in row-major
-        # order: segment (o, v) is `inner` consecutive codes that belong at unit
-        # units[v] of row o of the dense (outer, num_units, inner) output. Hidden
-        # units get zeros, so the output needs no zeroing first.
+        # long segments (e.g. output units of a Linear): one thread per segment
         visible = units.size
-        if inner >= 8:  # long segments: one thread per segment
-            for segment in prange(outer * visible):
-                o = segment // visible
-                pos = (o * num_units + units[segment - o * visible]) * inner
+        for segment in prange(outer * visible):
+            o = segment // visible
+            pos = (o * num_units + units[segment - o * visible]) * inner
+            _decode_run(
+                packed, scales, levels, bit_width, block_size, segment * inner, inner, out, pos
+            )
+        for segment in prange(outer * hidden.size):
+            o = segment // hidden.size
+            base = (o * num_units + hidden[segment - o * hidden.size]) * inner
+            for k in range(inner):
+                out[base + k] = np.float32(0.0)
+
+    @njit(parallel=True, cache=True)
+    def _scatter_short(
+        packed: np.ndarray,
+        scales: np.ndarray,
+        levels: np.ndarray,
+        bit_width: int,
+        block_size: int,
+        outer: int,
+        units: np.ndarray,
+        hidden: np.ndarray,
+        num_units: int,
+        inner: int,
+        out: np.ndarray,
+    ) -> None:
+        # short segments (e.g. input units of a Linear): rows, a chunk of rows per
+        # thread; a row's codes are decoded in one run, then placed unit by unit
+        visible = units.size
+        length = visible * inner
+        chunks = min(outer, 256)
+        for c in prange(chunks):
+            row = np.empty(length, dtype=np.float32)
+            for o in range(c * outer // chunks, (c + 1) * outer // chunks):
                 _decode_run(
-                    packed, scales, levels, bit_width, block_size, segment * inner, inner, out, pos
+                    packed, scales, levels, bit_width, block_size, o * length, length, row, 0
                 )
-            for segment in prange(outer * hidden.size):
-                o = segment // hidden.size
-                base = (o * num_units + hidden[segment - o * hidden.size]) * inner
-                for k in range(inner):
-                    out[base + k] = np.float32(0.0)
-        else:  # short segments (e.g. input units of a Linear): rows, a chunk per thread
-            length = visible * inner
-            chunks = min(outer, 256)
-            for c in prange(chunks):
-                # decode a row's codes in one run, then place them unit by unit
-                row = np.empty(length, dtype=np.float32)
-                for o in range(c * outer // chunks, (c + 1) * outer // chunks):
-                    _decode_run(
-                        packed, scales, levels, bit_width, block_size, o * length, length, row, 0
-                    )
-                    dense = out[o * num_units * inner : (o + 1) * num_units * inner]
-                    if inner == 1:  # the common case, as a plain gather (2-3x faster)
-                        for v in range(visible):
-                            dense[units[v]] = row[v]
-                        for h in range(hidden.size):
-                            dense[hidden[h]] = np.float32(0.0)
-                    else:
-                        for v in range(visible):
-                            start = units[v] * inner
-                            dense[start : start + inner] = row[v * inner : (v + 1) * inner]
-                        for h in range(hidden.size):
-                            start = hidden[h] * inner
-                            dense[start : start + inner] = np.float32(0.0)
+                dense = out[o * num_units * inner : (o + 1) * num_units * inner]
+                if inner == 1:  # the common case, as a plain gather (2-3x faster)
+                    for v in range(visible):
+                        dense[units[v]] = row[v]
+                    for h in range(hidden.size):
+                        dense[hidden[h]] = np.float32(0.0)
+                else:
+                    for v in range(visible):
+                        start = units[v] * inner
+                        dense[start : start + inner] = row[v * inner : (v + 1) * inner]
+                    for h in range(hidden.size):
+                        start = hidden[h] * inner
+                        dense[start : start + inner] = np.float32(0.0)
 
     @njit(parallel=True, cache=True)
     def _similarity_sums(
@@ -318,7 +335,8 @@ if AVAILABLE:
     _block_absmax_serial = njit(cache=True)(_block_absmax.py_func)
     _quantize_pack_serial = njit(cache=True)(_quantize_pack.py_func)
     _dequantize_unpack_serial = njit(cache=True)(_dequantize_unpack.py_func)
-    _dequantize_scatter_serial = njit(cache=True)(_dequantize_scatter.py_func)
+    _scatter_long_serial = njit(cache=True)(_scatter_long.py_func)
+    _scatter_short_serial = njit(cache=True)(_scatter_short.py_func)
     _similarity_sums_serial = njit(cache=True)(_similarity_sums.py_func)
 
 #: Below this many values the kernels run on one thread.
@@ -367,9 +385,10 @@ def dequantize_unpack(
     bit_width: int,
     block_size: int,
     count: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Inverse of :func:`quantize_pack`: ``count`` float32 values."""
-    out = np.empty(count, dtype=np.float32)
+    out = _output(out, count)
     kernel = _dequantize_unpack if count >= PARALLEL_THRESHOLD else _dequantize_unpack_serial
     kernel(packed, scales, levels, bit_width, block_size, out)
     return out
@@ -384,18 +403,23 @@ def dequantize_scatter(
     shape: tuple[int, ...],
     axis: int,
     units: np.ndarray,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The dense float32 tensor of ``shape`` whose ``units`` along ``axis`` hold the values.
 
     ``packed``/``scales`` encode the visible slice (``shape`` with ``len(units)``
-    along ``axis``); every other unit is zero.
+    along ``axis``); every other unit is zero. ``out`` (flat float32, C order)
+    receives the tensor when given: every entry is written, so it needs no zeroing.
     """
     outer = math.prod(shape[:axis])
     inner = math.prod(shape[axis + 1 :])
     count = outer * units.size * inner
-    out = np.empty(math.prod(shape), dtype=np.float32)
+    out = _output(out, math.prod(shape))
     parallel = count >= PARALLEL_THRESHOLD
-    kernel = _dequantize_scatter if parallel else _dequantize_scatter_serial
+    if inner >= 8:
+        kernel = _scatter_long if parallel else _scatter_long_serial
+    else:
+        kernel = _scatter_short if parallel else _scatter_short_serial
     kernel(
         packed,
         scales,
@@ -410,6 +434,17 @@ def dequantize_scatter(
         out,
     )
     return out.reshape(shape)
+
+
+def _output(out: np.ndarray | None, size: int) -> np.ndarray:
+    """``out`` checked as a kernel's flat float32 output of ``size`` values, or a new one."""
+    if out is None:
+        return np.empty(size, dtype=np.float32)
+    if out.dtype != np.float32 or out.ndim != 1 or out.size != size:
+        raise ValueError(f"output must be flat float32 of {size} values")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("output must be contiguous and writable")
+    return out
 
 
 def _hidden(num_units: int, units: np.ndarray) -> np.ndarray:

@@ -99,6 +99,55 @@ class ProxySpec:
 
 
 @dataclass(frozen=True)
+class PackedTensor:
+    """One tensor of a proxy message as it travels, checked against the layout.
+
+    Parameters
+    ----------
+    name : str
+        State-dict name.
+    shape : tuple[int, ...]
+        Full dense shape.
+    axis : int
+        Unit axis, -1 when unmasked.
+    units : torch.Tensor | None
+        Visible units along ``axis`` (None when unmasked).
+    packed : torch.Tensor | None
+        Bit-packed NF-k codes of the visible slice (None when not quantized).
+    scales : torch.Tensor | None
+        Their float32 block scales.
+    values : torch.Tensor | None
+        The visible slice's float32 values when sent unquantized, or a non-float
+        tensor's values (then ``axis`` is -1).
+
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    axis: int
+    units: torch.Tensor | None
+    packed: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    @property
+    def slice_shape(self) -> tuple[int, ...]:
+        """Shape of the visible slice (the full shape when unmasked)."""
+        if self.units is None:
+            return self.shape
+        out = list(self.shape)
+        out[self.axis] = self.units.numel()
+        return tuple(out)
+
+    @property
+    def unit_factor(self) -> float:
+        """The factor that undoes the unit scaling (1 when unmasked)."""
+        if self.units is None:
+            return 1.0
+        return self.units.numel() / self.shape[self.axis]
+
+
+@dataclass(frozen=True)
 class Proxy:
     """A proxy rebuilt on the client.
 
@@ -113,15 +162,23 @@ class Proxy:
     update_bit_width : int (default: 32)
         How the server wants the update encoded.
     block_size : int (default: 64)
-        Block size of a quantized update.
+        Block size of a quantized update (and of the proxy's codes).
+    bit_width : int (default: 0)
+        Bit width of the proxy's codes (0: sent unquantized).
+    received : dict[str, PackedTensor] | None (default: None)
+        The message's tensors, still packed, when ``state`` is the client's own
+        model (``decode_proxy(..., into=...)``): :func:`encode_update` then takes
+        the received values from here, since ``state`` has been trained in place.
 
     """
 
-    state: dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]
     unit_axes: dict[str, int]
     visible: UnitMask
     update_bit_width: int = 32
     block_size: int = 64
+    bit_width: int = 0
+    received: dict[str, PackedTensor] | None = None
 
     def hidden_masks(self) -> dict[str, torch.Tensor]:
         """Boolean masks of the hidden entries of every masked tensor.
@@ -403,55 +460,6 @@ def message_units(arrays: ArrayRecord, layout: ConfigRecord) -> UnitMask:
     return out
 
 
-@dataclass(frozen=True)
-class PackedTensor:
-    """One tensor of a proxy message as it travels, checked against the layout.
-
-    Parameters
-    ----------
-    name : str
-        State-dict name.
-    shape : tuple[int, ...]
-        Full dense shape.
-    axis : int
-        Unit axis, -1 when unmasked.
-    units : torch.Tensor | None
-        Visible units along ``axis`` (None when unmasked).
-    packed : torch.Tensor | None
-        Bit-packed NF-k codes of the visible slice (None when not quantized).
-    scales : torch.Tensor | None
-        Their float32 block scales.
-    values : torch.Tensor | None
-        The visible slice's float32 values when sent unquantized, or a non-float
-        tensor's values (then ``axis`` is -1).
-
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    axis: int
-    units: torch.Tensor | None
-    packed: torch.Tensor | None = None
-    scales: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-    @property
-    def slice_shape(self) -> tuple[int, ...]:
-        """Shape of the visible slice (the full shape when unmasked)."""
-        if self.units is None:
-            return self.shape
-        out = list(self.shape)
-        out[self.axis] = self.units.numel()
-        return tuple(out)
-
-    @property
-    def unit_factor(self) -> float:
-        """The factor that undoes the unit scaling (1 when unmasked)."""
-        if self.units is None:
-            return 1.0
-        return self.units.numel() / self.shape[self.axis]
-
-
 def iter_packed(
     arrays: ArrayRecord, layout: ConfigRecord, visible: UnitMask | None = None
 ) -> Iterator[PackedTensor]:
@@ -492,23 +500,52 @@ def iter_packed(
         reader.check_consumed()
 
 
-def unpack_tensor(piece: PackedTensor, bit_width: int, block_size: int) -> torch.Tensor:
-    """The dense tensor a client trains: decoded visible units, hidden units zero."""
+def unpack_tensor(
+    piece: PackedTensor, bit_width: int, block_size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The dense tensor a client trains: decoded visible units, hidden units zero.
+
+    ``out`` (a tensor of the full shape, e.g. the model's own) receives it when
+    given and is returned: the compiled kernels decode straight into it.
+    """
     if piece.packed is None:
         assert piece.values is not None
         values = piece.values.view(piece.slice_shape)
         if piece.units is None:
-            return values
-        dense = torch.zeros(piece.shape, dtype=values.dtype)
-        return dense.index_copy_(piece.axis, piece.units, values)
+            return values if out is None else out.copy_(values)
+        if out is None:
+            out = torch.zeros(piece.shape, dtype=values.dtype)
+        else:
+            out.zero_()
+        return out.index_copy_(piece.axis, piece.units.to(out.device), values.to(out.dtype))
     assert piece.scales is not None
     if piece.units is None:
         count = math.prod(piece.shape)
-        values = dequantize_packed(piece.packed, piece.scales, bit_width, block_size, count)
+        values = dequantize_packed(
+            piece.packed, piece.scales, bit_width, block_size, count, out=out
+        )
         return values.view(piece.shape)
     return dequantize_into_units(
-        piece.packed, piece.scales, bit_width, block_size, piece.shape, piece.axis, piece.units
+        piece.packed,
+        piece.scales,
+        bit_width,
+        block_size,
+        piece.shape,
+        piece.axis,
+        piece.units,
+        out=out,
     )
+
+
+def received_slice(piece: PackedTensor, bit_width: int, block_size: int) -> torch.Tensor:
+    """The visible slice of a tensor as the client received it (float32, ``slice_shape``)."""
+    if piece.packed is None:
+        assert piece.values is not None
+        return piece.values.view(piece.slice_shape).to(torch.float32)
+    assert piece.scales is not None
+    count = math.prod(piece.slice_shape)
+    values = dequantize_packed(piece.packed, piece.scales, bit_width, block_size, count)
+    return values.view(piece.slice_shape)
 
 
 def iter_proxy(
@@ -525,21 +562,48 @@ def iter_proxy(
         yield piece.name, unpack_tensor(piece, bit_width, block_size), piece.axis
 
 
-def decode_proxy(arrays: ArrayRecord, layout: ConfigRecord) -> Proxy:
-    """Rebuild the dense proxy a client trains (hidden units are zero)."""
+def decode_proxy(
+    arrays: ArrayRecord, layout: ConfigRecord, into: Mapping[str, torch.Tensor] | None = None
+) -> Proxy:
+    """Rebuild the dense proxy a client trains (hidden units are zero).
+
+    ``into`` -- e.g. ``model.state_dict()``, whose tensors share the model's
+    memory -- receives the proxy in place of new tensors: the model then holds
+    the proxy with no second dense copy of it, which halves a client's memory
+    for large models. Its names and shapes must be exactly the proxy's. The
+    returned proxy keeps the message's packed tensors (``received``), so that
+    :func:`encode_update` still knows what was received once ``into`` is trained.
+    """
     visible = message_units(arrays, layout)
+    bit_width, block_size = int(layout["bit-width"]), int(layout["block-size"])
     state: dict[str, torch.Tensor] = {}
     unit_axes: dict[str, int] = {}
-    for name, tensor, axis in iter_proxy(arrays, layout, visible):
-        state[name] = tensor
-        if axis >= 0:
-            unit_axes[name] = axis
+    received: dict[str, PackedTensor] = {}
+    if into is not None and (extra := sorted(set(into) - set(layout["tensors"]))):
+        raise ValueError(f"the proxy has no tensor for {extra}")
+    for piece in iter_packed(arrays, layout, visible):
+        target = None
+        if into is not None:
+            if piece.name not in into:
+                raise ValueError(f"the proxy's tensor '{piece.name}' has no place to go")
+            target = into[piece.name]
+            if tuple(target.shape) != piece.shape:
+                raise ValueError(
+                    f"'{piece.name}' has shape {piece.shape} in the proxy and "
+                    f"{tuple(target.shape)} where it is loaded"
+                )
+            received[piece.name] = piece
+        state[piece.name] = unpack_tensor(piece, bit_width, block_size, out=target)
+        if piece.axis >= 0:
+            unit_axes[piece.name] = piece.axis
     return Proxy(
         state=state,
         unit_axes=unit_axes,
         visible=visible,
         update_bit_width=int(layout.get("update-bit-width", 32)),
-        block_size=int(layout["block-size"]),
+        block_size=block_size,
+        bit_width=bit_width,
+        received=received if into is not None else None,
     )
 
 
@@ -549,6 +613,20 @@ def received_model(content: RecordDict, arrays_key: str = "arrays") -> Proxy:
         return decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD])
     state = content.array_records[arrays_key].to_torch_state_dict()
     return Proxy(state=state, unit_axes={}, visible={})
+
+
+def load_received(model: torch.nn.Module, content: RecordDict, arrays_key: str = "arrays") -> Proxy:
+    """Load what a message carries into ``model`` and return it as a :class:`Proxy`.
+
+    A FedQSN proxy is decoded straight into the model's tensors (see
+    :func:`decode_proxy`'s ``into``); FedAvg's plain arrays are loaded with
+    ``load_state_dict``.
+    """
+    if PROXY_RECORD in content.array_records:
+        return decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD], into=model.state_dict())
+    proxy = received_model(content, arrays_key)
+    model.load_state_dict(proxy.state)
+    return proxy
 
 
 def encode_update(trained: Mapping[str, torch.Tensor], proxy: Proxy) -> ArrayRecord:
@@ -561,9 +639,17 @@ def encode_update(trained: Mapping[str, torch.Tensor], proxy: Proxy) -> ArrayRec
     for name, received in proxy.state.items():
         if not received.is_floating_point():
             continue
-        delta = trained[name].detach().cpu().to(torch.float32) - received.to(torch.float32)
-        if name in proxy.unit_axes:
-            delta = take_units(delta, proxy.unit_axes[name], proxy.visible[name])
+        current = trained[name].detach().cpu().to(torch.float32)
+        if proxy.received is not None:
+            # ``state`` was trained in place: what was received is in the message
+            if name in proxy.unit_axes:
+                current = take_units(current, proxy.unit_axes[name], proxy.visible[name])
+            sent = received_slice(proxy.received[name], proxy.bit_width, proxy.block_size)
+            delta = current - sent
+        else:
+            delta = current - received.cpu().to(torch.float32)
+            if name in proxy.unit_axes:
+                delta = take_units(delta, proxy.unit_axes[name], proxy.visible[name])
         if proxy.update_bit_width == 32:
             arrays[name] = Array(_numpy(delta))
         elif proxy.update_bit_width == 16:

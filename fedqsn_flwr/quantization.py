@@ -220,6 +220,15 @@ def kernel_inputs(
     )
 
 
+def _kernel_output(out: torch.Tensor | None, size: int) -> np.ndarray | None:
+    """``out``'s memory as a flat numpy array the kernels can write, or None if they cannot."""
+    if out is None or out.numel() != size:
+        return None
+    if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+        return None
+    return out.detach().view(-1).numpy()
+
+
 def dequantize_packed(
     packed: torch.Tensor,
     scales: torch.Tensor,
@@ -227,25 +236,31 @@ def dequantize_packed(
     block_size: int,
     count: int,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_packed`: ``count`` float32 values (flat).
 
     Bit for bit the same as ``dequantize(unpack_bits(packed, ...), scales, ...)``.
+    ``out`` (any tensor of ``count`` entries) receives the values when given and is
+    returned; the kernels write straight into a contiguous float32 CPU ``out``.
     """
     _check_bit_width(bit_width)
     _check_sizes(packed, scales, count, bit_width, block_size)
-    if not _use_kernels(packed, backend):
-        codes = unpack_bits(packed, bit_width, count)
-        return dequantize(codes, scales.to(torch.float32), bit_width, block_size)
+    if out is not None and out.numel() != count:
+        raise ValueError(f"out has {out.numel()} entries for {count} values")
+    target = _kernel_output(out, count)
+    if not _use_kernels(packed, backend) or (out is not None and target is None):
+        codes = unpack_bits(packed.to(torch.uint8), bit_width, count)
+        values = dequantize(codes, scales.to(torch.float32), bit_width, block_size)
+        if out is None:
+            return values
+        return out.copy_(values.view(out.shape))
     from . import kernels
 
     values = kernels.dequantize_unpack(
-        *kernel_inputs(packed, scales, bit_width),
-        bit_width,
-        block_size,
-        count,
+        *kernel_inputs(packed, scales, bit_width), bit_width, block_size, count, target
     )
-    return torch.from_numpy(values)
+    return out if out is not None else torch.from_numpy(values)
 
 
 def dequantize_into_units(
@@ -257,19 +272,26 @@ def dequantize_into_units(
     axis: int,
     units: torch.Tensor,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense tensor of ``shape``: the decoded visible slice at ``units`` along ``axis``, else 0.
 
     Bit for bit the same as dequantizing the slice and ``index_copy_``-ing it into
-    zeros; the kernels write each value straight to its place.
+    zeros; the kernels write each value straight to its place. ``out`` (a tensor of
+    ``shape``) receives the result when given and is returned; every entry is
+    overwritten.
     """
     slice_shape = list(shape)
     slice_shape[axis] = units.numel()
     count = math.prod(slice_shape)
-    if not _use_kernels(packed, backend):
+    if out is not None and tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    target = _kernel_output(out, math.prod(shape))
+    if not _use_kernels(packed, backend) or (out is not None and target is None):
         values = dequantize_packed(packed, scales, bit_width, block_size, count, backend="torch")
         dense = torch.zeros(shape, dtype=torch.float32, device=packed.device)
-        return dense.index_copy_(axis, units.to(packed.device), values.view(slice_shape))
+        dense.index_copy_(axis, units.to(packed.device), values.view(slice_shape))
+        return dense if out is None else out.copy_(dense)
     from . import kernels
 
     _check_bit_width(bit_width)
@@ -286,5 +308,6 @@ def dequantize_into_units(
         tuple(shape),
         axis,
         units_np,
+        target,
     )
-    return torch.from_numpy(dense)
+    return out if out is not None else torch.from_numpy(dense).view(shape)

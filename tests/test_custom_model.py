@@ -43,9 +43,10 @@ def user_train(message: Message, context, config) -> Message:
     partition = int(context.node_config["partition-id"])
     pool = load_server_data("digits", 0, 0.2, 0.1).pool
     data = pool.subset(torch.arange(partition, len(pool), 3).numpy())
-    proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
     model = UserNet()
-    model.load_state_dict(proxy.state)
+    proxy = decode_proxy(
+        message.content[PROXY_RECORD], message.content[LAYOUT_RECORD], into=model.state_dict()
+    )
     train(
         model,
         data,

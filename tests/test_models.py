@@ -74,6 +74,56 @@ def test_proxy_round_trip_of_every_model(name):
         assert torch.equal(moved, expected), tensor_name
 
 
+@pytest.mark.parametrize("bits", [4, 3, None])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_decoding_into_the_model_is_the_classic_decode_bit_for_bit(name, bits):
+    """The client's path (decode into its model, train in place) sends the same update."""
+    spec, _, _ = CASES[name]
+    policy = policy_for_model(build_model(name, 0.1, seed=0, spec=spec))
+    state = build_model(name, 0.1, seed=0, spec=spec).state_dict()
+    server = draw_server_mask(policy, 0.3, seed=1)
+    visible = draw_client_mask(server, 0.2, derive_seed(1, 1, 1, 0))
+    arrays, layout, _ = encode_proxy(state, policy, visible, bits, 64, update_bit_width=32)
+    classic = decode_proxy(arrays, layout)
+
+    model = build_model(name, 0.1, seed=5, spec=spec)  # other weights: all must be overwritten
+    into = decode_proxy(arrays, layout, into=model.state_dict())
+    loaded = model.state_dict()
+    assert set(loaded) == set(classic.state)
+    for key, tensor in classic.state.items():
+        assert torch.equal(loaded[key], tensor), key
+        assert loaded[key].data_ptr() == into.state[key].data_ptr()  # no second copy
+
+    # "training" in place; the classic client trains a separate copy the same way
+    trained = {k: v.clone() for k, v in classic.state.items()}
+    generator = torch.Generator().manual_seed(2)
+    for key, tensor in loaded.items():
+        if tensor.is_floating_point():
+            step = torch.randn(tensor.shape, generator=generator)
+            tensor.add_(step)
+            trained[key].add_(step)
+    expected = encode_update(trained, classic)
+    found = encode_update(model.state_dict(), into)
+    assert set(found.keys()) == set(expected.keys())
+    for key in expected.keys():
+        assert found[key].data == expected[key].data, key
+
+
+def test_decoding_into_a_model_of_another_shape_is_refused():
+    spec = CASES["cnn"][0]
+    model = build_model("cnn", 0.1, seed=0, spec=spec)
+    policy = policy_for_model(model)
+    visible = draw_client_mask(draw_server_mask(policy, 0.1, seed=1), 0.1, 3)
+    arrays, layout, _ = encode_proxy(model.state_dict(), policy, visible, 4, 64)
+    other = build_model("cnn", 0.1, seed=0, spec=InputSpec("image", (1, 28, 28), 7))
+    with pytest.raises(ValueError, match="fc2.weight"):
+        decode_proxy(arrays, layout, into=other.state_dict())
+    with pytest.raises(ValueError, match="no place to go"):
+        decode_proxy(arrays, layout, into={})
+    with pytest.raises(ValueError, match="no tensor for"):
+        decode_proxy(arrays, layout, into={**model.state_dict(), "extra": torch.zeros(1)})
+
+
 def test_masked_and_quantized_shares_of_the_default_policy():
     shares = {}
     for name, (spec, _, _) in CASES.items():
