@@ -293,7 +293,7 @@ if AVAILABLE:
         reference: np.ndarray,
         out: np.ndarray,
     ) -> None:
-        # Walks the codes as _dequantize_scatter does, but instead of writing the
+        # Walks the codes as the scatter kernels do, but instead of writing the
         # dense tensor it sums, per row o, a.b, a.a and (a-b)^2 in float64 against
         # the dense reference b (a = decoded value * factor; a = 0 at hidden units).
         visible = units.size

@@ -548,20 +548,6 @@ def received_slice(piece: PackedTensor, bit_width: int, block_size: int) -> torc
     return values.view(piece.slice_shape)
 
 
-def iter_proxy(
-    arrays: ArrayRecord, layout: ConfigRecord, visible: UnitMask | None = None
-) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """Decode a proxy one dense tensor at a time: ``(name, tensor, unit axis or -1)``.
-
-    Holds one decoded tensor at a time; :func:`decode_proxy` collects them.
-    Raises ValueError when the arrays do not match the layout, after the last
-    tensor at the latest.
-    """
-    bit_width, block_size = int(layout["bit-width"]), int(layout["block-size"])
-    for piece in iter_packed(arrays, layout, visible):
-        yield piece.name, unpack_tensor(piece, bit_width, block_size), piece.axis
-
-
 def decode_proxy(
     arrays: ArrayRecord, layout: ConfigRecord, into: Mapping[str, torch.Tensor] | None = None
 ) -> Proxy:

@@ -635,8 +635,10 @@ class FedQSN(MeasuredFedAvg):
             messages.append(message)
             if self.privacy_metrics and self._exposure is not None:
                 # evaluation proxies carry other client masks: they count as exposed too
+                # (marking them needs the units each carries, not the decoded values)
                 content = message.content
-                self._exposure.add(decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD]))
+                for _ in self._exposed_pieces(content[PROXY_RECORD], content[LAYOUT_RECORD]):
+                    pass
         if messages and self.privacy_metrics and self._exposure is not None:
             self._log_round(server_round, exposure=self._exposure.exposure)
         return messages

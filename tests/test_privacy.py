@@ -28,11 +28,10 @@ def _planted(strategy, state):
     return hidden
 
 
-@pytest.mark.parametrize("bits", [4, None])
-def test_train_and_evaluate_messages_carry_no_hidden_unit(base_config, bits):
+def _cnn_and_strategy(bits, **fedavg_kwargs):
+    """The CNN (seed 0) and a FedQSN for 4 nodes at p1 = 0.3, p2 = 0.2."""
     torch.manual_seed(0)
     model = build_model("cnn")
-    state = model.state_dict()
     strategy = FedQSN(
         policy_for_model(model),
         server_mask_ratio=0.3,
@@ -40,11 +39,17 @@ def test_train_and_evaluate_messages_carry_no_hidden_unit(base_config, bits):
         bit_width=bits,
         block_size=64,
         seed=3,
-        fraction_evaluate=1.0,
         min_train_nodes=4,
-        min_evaluate_nodes=4,
         min_available_nodes=4,
+        **fedavg_kwargs,
     )
+    return model, strategy
+
+
+@pytest.mark.parametrize("bits", [4, None])
+def test_train_and_evaluate_messages_carry_no_hidden_unit(base_config, bits):
+    model, strategy = _cnn_and_strategy(bits, fraction_evaluate=1.0, min_evaluate_nodes=4)
+    state = model.state_dict()
     hidden = _planted(strategy, state)
     assert all(hidden.values())
     full = ArrayRecord(state)
@@ -117,19 +122,8 @@ def test_hidden_units_of_the_global_model_never_move(base_config):
 @pytest.mark.parametrize("bits", [4, 3, None])
 def test_logged_similarity_is_that_of_the_decoded_messages(base_config, bits):
     """The server's figures (computed from the codes) describe what clients decode."""
-    torch.manual_seed(0)
-    model = build_model("cnn")
+    model, strategy = _cnn_and_strategy(bits)
     state = model.state_dict()
-    strategy = FedQSN(
-        policy_for_model(model),
-        server_mask_ratio=0.3,
-        client_mask_ratio=0.2,
-        bit_width=bits,
-        block_size=64,
-        seed=3,
-        min_train_nodes=4,
-        min_available_nodes=4,
-    )
     messages = strategy.configure_train(
         1, ArrayRecord(state), ConfigRecord(), LocalGrid(4, base_config)
     )
