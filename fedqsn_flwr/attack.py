@@ -3,9 +3,12 @@
     python -m fedqsn_flwr.attack --run ~/fedqsn-outputs/<run-name>
 
 Everything an attacker uses is read from ``<run>/received/``: the training
-messages exactly as clients received them. Threat models (all evaluated on the
-server's test set, so every accuracy is an upper bound on what the attacker can
-*know* it reached):
+messages exactly as clients received them, plus the clients' own data and what
+the run config tells every client. The scorer reads the server's test set (it
+needs the run folder's server secret for that; the attackers never do). Threat
+models -- all evaluated on the server's test set, and every fine-tuning attack
+reports its best epoch *on that test set*, so each accuracy is an upper bound on
+what the attackers could reach and know they reached:
 
 * ``proxy_as_is`` -- an honest-but-curious client keeps the last proxy it got
   and uses it as a model (best client reported);
@@ -18,16 +21,22 @@ server's test set, so every accuracy is an upper bound on what the attacker can
   best model they can: for each unit, the latest value any of them saw (unit
   scaling undone); units never seen are 0. Evaluated as-is and after
   fine-tuning on their pooled data;
-* ``public_fill`` -- as ``collusion``, but units never seen are filled from the
-  run's *public initialisation* (the seeded random init anyone can reproduce
-  from the code and the seed). When the server's starting model is that public
-  init (``pretrain-epochs = 0``), this gives the attackers the hidden units'
-  original values: masking protects only weights the public does not have.
+* ``public_fill`` -- as ``collusion``, but units never seen are filled from a
+  *public initialisation* (the random init anyone can reproduce from the code
+  and the run's public seed). The server's own init derives from its secret, so
+  this no longer hands over its starting values; with ``initial-model`` set to
+  a public checkpoint, an attacker who has that checkpoint could fill the
+  hidden units from it: masking protects only weights the public does not have.
 
-For reference (not an attack on the model), ``pooled_data_only`` trains the
-public initialisation on the pooled data with the same budget: what the
-colluding clients get from their data alone. An attack worth worrying about is
-one that beats it.
+The *data-only* reference (not an attack on the model): the best of the run's
+model and a small CNN for the data (``cnn`` for images, ``cnn1d`` for signals),
+each from a public initialisation, trained on the colluding clients' pooled
+data with the same budget (epochs and learning rates) as the attacks: what they
+reach without any proxy. *Knowledge leakage* = (best attack - data-only) /
+(global - data-only): 0 when the proxies teach the attackers nothing beyond
+their data, 1 when they give the model away. When the global model is at most
+:data:`NO_KNOWLEDGE_MARGIN` above data-only there is no model knowledge to
+protect, and no ratio is reported.
 
 Writes ``<run>/attacks.json`` and prints a table.
 """
@@ -52,11 +61,49 @@ from .models import build_model
 from .privacy import to_global_units
 from .proxy import Proxy, received_model
 from .results import load_received, read_metrics
+from .secret import SECRET_FILE
 from .training import evaluate, evaluate_state, train
 
 DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATES = (0.005, 0.02, 0.05)
 DEFAULT_MAX_CLIENTS = 3
+#: Below this lead of the global model over data-only, leakage is not reported.
+NO_KNOWLEDGE_MARGIN = 0.02
+#: The small CNN the data-only reference also tries, per input kind.
+SMALL_CNN = {"image": "cnn", "signal": "cnn1d"}
+
+
+def knowledge_leakage(best_attack: float, data_only: float, global_accuracy: float) -> float | None:
+    """(best attack - data-only) / (global - data-only); None with no knowledge to protect."""
+    if global_accuracy <= data_only + NO_KNOWLEDGE_MARGIN:
+        return None
+    return (best_attack - data_only) / (global_accuracy - data_only)
+
+
+def data_only_reference(
+    config: Mapping[str, Any],
+    spec: Any,
+    pooled: Split,
+    test: Split,
+    epochs: int,
+    learning_rates: Sequence[float],
+) -> dict[str, Any]:
+    """The attackers' best without any proxy (see the module docstring)."""
+    architectures = [config["model"]]
+    if (small := SMALL_CNN.get(spec.kind)) and small not in architectures:
+        architectures.append(small)
+    best: dict[str, Any] = {"accuracy": -1.0}
+    tried = {}
+    for name in architectures:
+        model = build_model(name, config["dropout"], seed=config["seed"], spec=spec)
+        public = {k: v.clone() for k, v in model.state_dict().items()}
+        accuracy, rate, epoch = finetune(
+            model, public, pooled, test, epochs, learning_rates, derive_seed(config["seed"], 9)
+        )
+        tried[name] = accuracy
+        if accuracy > best["accuracy"]:
+            best = {"accuracy": accuracy, "model": name, "lr": rate, "epoch": epoch}
+    return {**best, "tried": tried}
 
 
 def collude(
@@ -139,8 +186,10 @@ def run_attacks(
         )
     proxies = {key: received_model(content) for key, content in received.items()}
     key = data_key(config)
+    # the scorer's view: the server's test set (the attackers use none of it but scores)
+    secret = (run_dir / SECRET_FILE).read_bytes()
     data = load_server_data(
-        key, config["seed"], config["test-fraction"], config["pretrain-fraction"]
+        key, config["seed"], config["test-fraction"], config["pretrain-fraction"], secret
     )
     model = build_model(config["model"], config["dropout"], spec=data.spec)
     last: dict[int, Proxy] = {}
@@ -220,9 +269,8 @@ def run_attacks(
 
     global_accuracy = read_metrics(run_dir / "metrics.csv")[-1]["global_accuracy"]
     best = max(results, key=lambda r: r["accuracy"])
-    reference, rate, epoch = finetune(
-        model, public, pooled, data.test, epochs, learning_rates, derive_seed(config["seed"], 8)
-    )
+    reference = data_only_reference(config, data.spec, pooled, data.test, epochs, learning_rates)
+    leakage = knowledge_leakage(best["accuracy"], reference["accuracy"], global_accuracy)
     report = {
         "run": str(run_dir),
         "global_accuracy": global_accuracy,
@@ -230,9 +278,14 @@ def run_attacks(
         "best_attack": best["attack"],
         "best_attack_accuracy": best["accuracy"],
         "privacy_gap": global_accuracy - best["accuracy"],
-        "pooled_data_only": {"accuracy": reference, "lr": rate, "epoch": epoch},
+        "pooled_data_only": reference,
+        "data_only_accuracy": reference["accuracy"],
+        "knowledge_leakage": leakage,
+        "no_model_knowledge": leakage is None,
         "epochs": epochs,
         "learning_rates": list(learning_rates),
+        "note": "fine-tuning attacks and data-only pick their best epoch on the test set: "
+        "upper bounds",
     }
     (run_dir / "attacks.json").write_text(json.dumps(report, indent=2))
     return report
@@ -246,15 +299,23 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append("-" * 80)
     reference = report["pooled_data_only"]
     lines.append(
-        f"{'pooled_data_only':<22} {reference['accuracy']:>9.4f}  reference: public init "
-        f"trained on the pooled data, lr {reference['lr']}, epoch {reference['epoch']}"
+        f"{'data_only':<22} {reference['accuracy']:>9.4f}  reference: public init of "
+        f"{reference['model']} trained on the pooled data, lr {reference['lr']}, "
+        f"epoch {reference['epoch']} (no proxy)"
     )
     lines.append(f"{'global model':<22} {report['global_accuracy']:>9.4f}")
     gap = report["privacy_gap"]
+    leakage = report["knowledge_leakage"]
     lines.append(
         f"best attack: {report['best_attack']} "
-        f"({report['best_attack_accuracy']:.4f}); privacy gap {gap:+.4f}"
+        f"({report['best_attack_accuracy']:.4f}); privacy gap {gap:+.4f}; "
+        + (
+            f"knowledge leakage {leakage:.3f}"
+            if leakage is not None
+            else f"no model knowledge to protect (global <= data-only + {NO_KNOWLEDGE_MARGIN:g})"
+        )
     )
+    lines.append("every fine-tuning figure takes its best epoch on the test set: an upper bound")
     return "\n".join(lines)
 
 

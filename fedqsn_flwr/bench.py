@@ -54,10 +54,13 @@ from torch import nn
 
 from .masking import MaskPolicy, derive_seed, draw_client_mask, draw_server_mask, policy_for_model
 from .proxy import LAYOUT_RECORD, PROXY_RECORD, decode_proxy, encode_proxy, encode_update
+from .secret import from_text
 from .strategy import METRICS_RECORD, message_bytes
 
 P1 = P2 = 0.1
 BIT_WIDTH, BLOCK_SIZE = 4, 64
+#: Fixed server secret: the benchmark sends the same proxies in every run.
+BENCH_SECRET = from_text("fedqsn-flwr benchmark")
 
 
 @dataclass
@@ -393,7 +396,7 @@ def round_cases(rounds: int, num_nodes: int = 10) -> list[Case]:
     for name in ("fedavg", "fedqsn"):
         config = {**_bench_config(num_nodes), "strategy": name}
         model = build_model(config["model"], config["dropout"], seed=config["seed"])
-        strategy = build_strategy(config, model, None)
+        strategy = build_strategy(config, model, None, server_secret=BENCH_SECRET)
         federations[name] = (
             strategy,
             InProcessGrid(num_nodes, config, keep_messages=False),
@@ -482,7 +485,16 @@ def _large_strategy(name: str, model: nn.Module, num_nodes: int) -> Any:
     }
     if name == "fedavg":
         return MeasuredFedAvg(seed=0, **common)
-    return FedQSN(policy_for_model(model), P1, P2, BIT_WIDTH, BLOCK_SIZE, seed=0, **common)
+    return FedQSN(
+        policy_for_model(model),
+        P1,
+        P2,
+        BIT_WIDTH,
+        BLOCK_SIZE,
+        seed=0,
+        server_secret=BENCH_SECRET,
+        **common,
+    )
 
 
 def _fake_replies(messages: list[Message], state: Mapping[str, torch.Tensor]) -> list[Message]:

@@ -12,9 +12,16 @@ from .data import Split, input_spec, load_client_data
 from .datasets import data_key
 from .masking import derive_seed
 from .models import build_model
-from .proxy import PROXY_RECORD, UPDATE_RECORD, encode_update, load_received
-from .strategy import METRICS_RECORD, NUM_PARTITIONS_KEY, PARTITION_ID_KEY
-from .training import evaluate, pick_device, train
+from .proxy import (
+    FEEDBACK_RECORD,
+    PROXY_RECORD,
+    UPDATE_RECORD,
+    encode_feedback,
+    encode_update,
+    load_received,
+)
+from .replies import METRICS_RECORD, NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+from .training import evaluate, loss_gradient, pick_device, train
 
 
 class NodeConfigError(ValueError):
@@ -69,13 +76,21 @@ def handle_query(message: Message, context: Context) -> Message:
 
 def handle_train(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Train the received proxy on the local split; reply with its update."""
-    torch.set_num_threads(1)
     train_split, _ = client_data(config, context)
     settings = message.content["config"]
     model = _model(config)
     # decoded straight into the model: no second dense copy of it on the client
     proxy = load_received(model, message.content)
     partition_id, _ = partition_of(context)
+    # right before training: the first decode of a process starts numba's OpenMP
+    # threads, which resets torch's thread count, and the first client would train
+    # on more threads (other float sums than every later client: not reproducible)
+    torch.set_num_threads(1)
+    feedback = None
+    if bool(settings.get("hidden-feedback", False)) and proxy.unit_axes:
+        # at the received proxy, before training: the gradient the server's control
+        # variate is computed against
+        feedback = encode_feedback(loss_gradient(model, None, train_split), proxy)
     loss = train(
         model,
         train_split,
@@ -91,15 +106,18 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
         arrays_key, arrays = UPDATE_RECORD, encode_update(model.state_dict(), proxy)
     else:
         arrays_key, arrays = "arrays", ArrayRecord(model.state_dict())
-    return Message(RecordDict({arrays_key: arrays, METRICS_RECORD: metrics}), reply_to=message)
+    content = RecordDict({arrays_key: arrays, METRICS_RECORD: metrics})
+    if feedback is not None:
+        content[FEEDBACK_RECORD] = feedback
+    return Message(content, reply_to=message)
 
 
 def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Evaluate the received proxy on the local evaluation split."""
-    torch.set_num_threads(1)
     _, eval_split = client_data(config, context)
     model = _model(config)
     load_received(model, message.content)
+    torch.set_num_threads(1)  # after decoding (see handle_train)
     loss, accuracy = evaluate(model, eval_split)
     metrics = MetricRecord({"num-examples": len(eval_split), "loss": loss, "accuracy": accuracy})
     return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)

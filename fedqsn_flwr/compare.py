@@ -6,13 +6,21 @@ r"""Compare strategies (and sweep FedQSN's knobs) on the same data, seeds and st
 
 A comparison preset is a YAML mapping:
 
-* ``strategies`` -- strategy names (required);
+* ``strategies`` -- strategy names (required); an entry may also be a mapping
+  ``{strategy: fedqsn, label: p1=0.7+feedback, config: {...}}``: a variant of
+  that strategy with its own run-config keys (on top of ``config``);
 * ``seeds`` -- list of seeds (default ``[0, 1, 2]``); every strategy runs on each;
 * ``nodes`` -- virtual SuperNodes per federation (default 10);
 * ``config`` -- run-config keys shared by every run;
 * ``sweep`` -- optional; ``{key: [values]}``, varied one key at a time with every
   other key as in ``config``. A value may be a mapping of several keys (e.g.
-  ``{partitioning: dirichlet, dirichlet-alpha: 0.1}``).
+  ``{partitioning: dirichlet, dirichlet-alpha: 0.1}``);
+* ``attack-epochs`` -- optional; epochs of every fine-tuning attack and of the
+  data-only reference (default: :data:`fedqsn_flwr.attack.DEFAULT_EPOCHS`).
+
+Every run of a comparison uses one server secret per seed (``server-secret-file``
+under ``<out>/secrets/``, written once), so strategies compare on the same
+server split, initialisation and server mask, and a rerun reproduces them.
 
 Extra ``key=value`` arguments override ``config`` for every run. Each run is a
 real Flower simulation writing its own folder under ``<out>/runs/``; the summary
@@ -27,6 +35,8 @@ import csv
 import io
 import json
 import math
+import os
+import secrets
 import statistics
 import sys
 import time
@@ -50,6 +60,8 @@ SUMMARY_COLUMNS = (
     "proxy_accuracy",
     "start_accuracy",
     "best_attack_accuracy",
+    "data_only_accuracy",
+    "knowledge_leakage",
     "privacy_gap",
     "finetune_attack_accuracy",
     "collusion_attack_accuracy",
@@ -66,14 +78,15 @@ SUMMARY_COLUMNS = (
     "best_attack",
     "run_dir",
 )
-NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:21]
+NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:23]
 #: Summary columns filled from ``attacks.json`` (NaN when attacks were skipped).
 ATTACK_COLUMNS = {
     "finetune_attack_accuracy": ("finetune",),
     "collusion_attack_accuracy": ("collusion_as_is", "collusion_finetune"),
     "public_fill_attack_accuracy": ("public_fill_as_is", "public_fill_finetune"),
 }
-PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep"}
+PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep", "attack-epochs"}
+STRATEGY_ENTRY_KEYS = {"strategy", "label", "config"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,7 @@ class Plan:
 
     runs: list[RunSpec]
     nodes: int
+    attack_epochs: int | None = None
 
 
 def _label(value: Any) -> str:
@@ -123,8 +137,12 @@ def load_plan(
         raise ConfigError(f"comparison preset '{path}' must be a mapping with 'strategies'")
     if unknown := sorted(set(data) - PLAN_KEYS):
         raise ConfigError(f"comparison preset '{path}' has unknown key(s) {unknown}")
-    names = list(strategies or data["strategies"])
-    if bad := [s for s in names if s not in STRATEGIES]:
+    entries = [_strategy_entry(e, path) for e in data["strategies"]]
+    if strategies:
+        entries = [e for e in entries if e[0] in strategies] + [
+            (s, "", {}) for s in strategies if s not in {e[0] for e in entries}
+        ]
+    if bad := [s for s, _, _ in entries if s not in STRATEGIES]:
         raise ConfigError(f"unknown strategy {bad}; allowed: {list(STRATEGIES)}")
     base = {**(data.get("config") or {}), **(overrides or {})}
     variants: list[tuple[str, str, dict[str, Any]]] = []
@@ -134,13 +152,37 @@ def load_plan(
             variants.append((knob, _label(value), extra))
     variants = variants or [("", "", {})]
     runs = []
-    for strategy in names:
+    for strategy, entry_label, entry_config in entries:
         for knob, label, extra in variants:
+            if entry_label:
+                knob, label = "variant", entry_label if not label else f"{entry_label},{label}"
             for seed in seeds or data.get("seeds", [0, 1, 2]):
-                config = {**base, **extra, "strategy": strategy, "seed": int(seed)}
+                config = {**base, **entry_config, **extra, "strategy": strategy, "seed": int(seed)}
                 resolve({}, Path.cwd(), config)  # fail before the first run, not the tenth
                 runs.append(RunSpec(strategy, int(seed), knob, label, config))
-    return Plan(runs=runs, nodes=int(data.get("nodes", 10)))
+    nodes = data.get("nodes", 10)
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise ConfigError(f"comparison preset '{path}': 'nodes' must be an integer >= 1")
+    attack_epochs = data.get("attack-epochs")
+    if attack_epochs is not None and (not isinstance(attack_epochs, int) or attack_epochs < 1):
+        raise ConfigError(f"comparison preset '{path}': 'attack-epochs' must be an integer >= 1")
+    return Plan(runs=runs, nodes=nodes, attack_epochs=attack_epochs)
+
+
+def _strategy_entry(entry: Any, path: Path) -> tuple[str, str, dict[str, Any]]:
+    """(strategy, label, config) of one ``strategies`` entry."""
+    if isinstance(entry, str):
+        return entry, "", {}
+    if not isinstance(entry, Mapping) or "strategy" not in entry:
+        raise ConfigError(
+            f"comparison preset '{path}': a strategies entry is a name or a mapping with "
+            f"'strategy' (and 'label', 'config'); got {entry!r}"
+        )
+    if unknown := sorted(set(entry) - STRATEGY_ENTRY_KEYS):
+        raise ConfigError(f"comparison preset '{path}': strategies entry has unknown {unknown}")
+    config = dict(entry.get("config") or {})
+    label = str(entry.get("label") or _label(config))
+    return str(entry["strategy"]), label, config
 
 
 def _finished(run_dir: Path) -> bool:
@@ -178,6 +220,8 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "best_attack": "",
         "best_attack_accuracy": math.nan,
+        "data_only_accuracy": math.nan,
+        "knowledge_leakage": math.nan,
         "privacy_gap": math.nan,
         **{column: math.nan for column in ATTACK_COLUMNS},
     }
@@ -188,6 +232,9 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         row["best_attack"] = report["best_attack"]
         row["best_attack_accuracy"] = report["best_attack_accuracy"]
         row["privacy_gap"] = report["privacy_gap"]
+        row["data_only_accuracy"] = report.get("data_only_accuracy", math.nan)
+        leakage = report.get("knowledge_leakage")
+        row["knowledge_leakage"] = math.nan if leakage is None else leakage
         for column, names in ATTACK_COLUMNS.items():
             row[column] = max(accuracy[n] for n in names)
     return row
@@ -207,6 +254,7 @@ def write_summary(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
     writer.writerows([_cell(row[c]) for c in SUMMARY_COLUMNS] for row in rows)
     _write_atomic(out / "summary.csv", buffer.getvalue())
     _write_atomic(out / "summary.md", summary_markdown(rows))
+    _write_atomic(out / "headline.md", headline_markdown(rows))
 
 
 def _cell(value: Any) -> str:
@@ -238,16 +286,70 @@ def groups(
     return grouped
 
 
+def _variant_label(knob: str, value: str) -> str:
+    if knob == "variant" or "=" in value:
+        return value
+    return f"{knob}={value}" if knob else "–"
+
+
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Mean ± std over seeds for every (strategy, knob, value)."""
     header = ["strategy", "variant", "seeds", *NUMERIC_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (strategy, knob, value), members in groups(rows).items():
-        variant = f"{knob}={value}" if knob and "=" not in value else value or "–"
+        variant = _variant_label(knob, value)
         cells = [strategy, variant, str(len(members))]
         cells += [_mean_std([float(m[c]) for m in members]) for c in NUMERIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: The headline table's columns: (summary column, header).
+HEADLINE_COLUMNS = (
+    ("start_accuracy", "start"),
+    ("global_accuracy", "global"),
+    ("proxy_accuracy", "proxy"),
+    ("best_attack_accuracy", "best attack"),
+    ("data_only_accuracy", "data only"),
+    ("knowledge_leakage", "leakage"),
+    ("bytes_down_per_client", "bytes down"),
+    ("bytes_up_per_client", "bytes up"),
+)
+
+
+def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Start, global, proxy, best attack, data only, leakage and bytes (mean ± std).
+
+    A variant whose runs all had no model knowledge to protect (global at most
+    2 points above data only) shows that instead of a leakage figure.
+    """
+    header = ["strategy", "variant", "seeds", *(h for _, h in HEADLINE_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (strategy, knob, value), members in groups(rows).items():
+        variant = _variant_label(knob, value)
+        cells = [strategy, variant, str(len(members))]
+        for column, _ in HEADLINE_COLUMNS:
+            values = [float(m[column]) for m in members]
+            if column == "knowledge_leakage":
+                cells.append(_leakage_cell(members, values))
+                continue
+            cells.append(_mean_std(values))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _leakage_cell(members: Sequence[Mapping[str, Any]], values: Sequence[float]) -> str:
+    """Leakage mean ± std, saying for how many seeds there was no knowledge to protect."""
+    attacked = [not math.isnan(float(m["best_attack_accuracy"])) for m in members]
+    missing = sum(1 for v, a in zip(values, attacked, strict=True) if a and math.isnan(v))
+    if not any(attacked):
+        return "–"
+    if missing == len(values):
+        return "no model knowledge to protect"
+    cell = _mean_std(values)
+    if missing:
+        cell += f" ({len(values) - missing} of {len(values)} seeds; the others: no knowledge)"
+    return cell
 
 
 def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]]:
@@ -258,14 +360,18 @@ def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]
     from .attack import run_attacks
     from .simulation import simulate
 
+    # absolute: a relative output-dir would be taken under the home folder
+    out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"
+    secret_files = _seed_secrets(out, {spec.seed for spec in plan.runs})
     rows: list[dict[str, Any]] = []
     total = len(plan.runs)
     for index, spec in enumerate(plan.runs, start=1):
         run_dir = runs_dir / spec.name
         tag = f"[{index}/{total}] {spec.name}"
         config = {**spec.overrides, "output-dir": str(runs_dir), "run-name": spec.name}
+        config.setdefault("server-secret-file", str(secret_files[spec.seed]))
         if _finished(run_dir) and _same_config(run_dir, config):
             print(f"{tag}: finished earlier, reused", flush=True)
         else:
@@ -275,7 +381,10 @@ def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]
             wall = time.monotonic() - start
             (run_dir / "compare.json").write_text(json.dumps({"wall_seconds": round(wall, 2)}))
         if attacks and not (run_dir / "attacks.json").exists():
-            run_attacks(run_dir)
+            if plan.attack_epochs is None:
+                run_attacks(run_dir)
+            else:
+                run_attacks(run_dir, epochs=plan.attack_epochs)
         row = _row(spec, run_dir)
         rows.append(row)
         write_summary(rows, out)
@@ -286,6 +395,21 @@ def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]
             flush=True,
         )
     return rows
+
+
+def _seed_secrets(out: Path, seeds: set[int]) -> dict[int, Path]:
+    """One server-secret file per seed under ``<out>/secrets/`` (written once, 0600)."""
+    folder = out / "secrets"
+    folder.mkdir(exist_ok=True, mode=0o700)
+    files = {}
+    for seed in sorted(seeds):
+        file = folder / f"seed{seed}.secret"
+        if not file.exists():
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        files[seed] = file.resolve()
+    return files
 
 
 def _same_config(run_dir: Path, config: Mapping[str, Any]) -> bool:

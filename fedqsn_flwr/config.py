@@ -16,6 +16,7 @@ naming the key and what it allows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,32 @@ def _choice(default: str, options: tuple[str, ...] | list[str], meaning: str) ->
     return Key(default, str, f"one of {list(options)}", lambda v: v in options, meaning)
 
 
+#: The largest integer a key takes (Flower's run config holds int64; seeds are 63-bit).
+MAX_INTEGER = 2**63 - 1
+
+
 def _integer(default: int, low: int, meaning: str) -> Key:
-    return Key(default, int, f"an integer >= {low}", lambda v: v >= low, meaning)
+    return Key(
+        default,
+        int,
+        f"an integer in {low}..{MAX_INTEGER}" if low == 0 else f"an integer >= {low}",
+        lambda v: low <= v <= MAX_INTEGER,
+        meaning,
+    )
+
+
+def _run_name_ok(name: str) -> bool:
+    """A single folder name: no separator, not . or .., no control character."""
+    return (
+        "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        and all(ord(c) >= 32 and ord(c) != 127 for c in name)
+    )
 
 
 def _positive(default: float, meaning: str) -> Key:
-    return Key(default, float, "a number > 0", lambda v: v > 0, meaning)
+    return Key(default, float, "a finite number > 0", lambda v: v > 0, meaning)
 
 
 def _fraction(
@@ -85,14 +106,15 @@ SPEC: dict[str, Key] = {
     "min-nodes": _integer(2, 1, "nodes that must be connected (and sampled) before a round starts"),
     "round-timeout": _positive(600.0, "seconds to wait for replies in a round"),
     "max-num-examples": _integer(
-        100_000, 1, "replies claiming more training examples are rejected (fedq/fedsn/fedqsn)"
+        100_000, 1, "replies claiming more training (or evaluation) examples are rejected"
     ),
     "max-update-norm-ratio": Key(
-        0.0,
+        10.0,
         float,
-        "a number >= 0 (0 = no bound)",
+        "a finite number >= 0 (0 = no bound)",
         lambda v: v >= 0,
-        "reject updates whose norm exceeds this times the round's median (fedq/fedsn/fedqsn)",
+        "reject updates whose norm exceeds this times the global model's norm or (3+ replies) "
+        "the round's median update norm; 0 = off (every strategy)",
     ),
     "local-epochs": _integer(5, 1, "client epochs per round"),
     "learning-rate": _positive(0.05, "SGD learning rate (momentum 0.9), clients and pretraining"),
@@ -100,7 +122,7 @@ SPEC: dict[str, Key] = {
     "proximal-mu": Key(
         0.01,
         float,
-        "a number >= 0",
+        "a finite number >= 0",
         lambda v: v >= 0,
         "weight of FedProx's proximal term in client training (strategy fedprox only)",
     ),
@@ -125,6 +147,20 @@ SPEC: dict[str, Key] = {
         lambda v: v in UPDATE_BIT_WIDTHS,
         "client updates as float32 (32), float16 (16) or NF-k codes (2..8) (fedq/fedsn/fedqsn)",
     ),
+    "hidden-feedback": Key(
+        False,
+        bool,
+        "true or false",
+        lambda v: isinstance(v, bool),
+        "clients also return their loss gradient at hidden positions; the server steps its "
+        "hidden units with it and a control variate from its own data (fedsn/fedqsn)",
+    ),
+    "feedback-examples": _integer(
+        2000, 1, "hidden-feedback: examples of the server's own data for the control variate"
+    ),
+    "feedback-step": _positive(
+        1.0, "hidden-feedback: step on hidden units, in units of learning rate x local steps"
+    ),
     "mask-input-layer": Key(
         False,
         bool,
@@ -145,6 +181,28 @@ SPEC: dict[str, Key] = {
         "empty or a folder path",
         lambda v: True,
         "local copy of the data set (torchvision layout, or train.csv/jsonl for 'text')",
+    ),
+    "mnist1d-server-examples": _integer(
+        20_000, 10, "mnist1d: server pretraining examples (the package's default generator)"
+    ),
+    "mnist1d-client-examples": _integer(
+        125, 2, "mnist1d: examples per client (20% kept for local evaluation)"
+    ),
+    "mnist1d-test-examples": _integer(4_000, 10, "mnist1d: server test examples"),
+    "mnist1d-client-shear": Key(
+        1.25,
+        float,
+        "a finite number >= 0",
+        lambda v: v >= 0,
+        "mnist1d: shear_scale of the clients' and the test generator (0.75 = the server's)",
+    ),
+    "trust-data-dir": Key(
+        False,
+        bool,
+        "true or false",
+        lambda v: isinstance(v, bool),
+        "load local CIFAR files without torchvision's checksums (they are pickles: "
+        "only for a folder you trust)",
     ),
     "vocab-size": _integer(8192, 2, "text: hash buckets of the tokenizer (token ids)"),
     "max-length": _integer(64, 1, "text: tokens per example (longer texts are cut)"),
@@ -172,13 +230,33 @@ SPEC: dict[str, Key] = {
     "pretrain-epochs": _integer(
         30, 0, "server pretraining epochs on its private split (0 = from scratch)"
     ),
+    "pretrain-cache": Key(
+        True,
+        bool,
+        "true or false",
+        lambda v: isinstance(v, bool),
+        "keep pretrained starting models in <output-dir>/.pretrained (keyed by the secret "
+        "and the settings) so runs that share them pretrain once",
+    ),
     "test-fraction": _fraction(
         0.2, 0, 0.5, True, False, "share of the data held by the server as its test set"
     ),
     "pretrain-fraction": _fraction(
         0.1, 0, 0.5, False, False, "share of the data private to the server for pretraining"
     ),
-    "seed": _integer(42, 0, "seed of masks, splits, sampling, training"),
+    "seed": _integer(
+        42,
+        0,
+        "public seed: client pool and partitions, sampling, client training (clients see it)",
+    ),
+    "server-secret-file": Key(
+        "",
+        str,
+        "empty or a file path the ServerApp can read",
+        lambda v: True,
+        "opt-in reproducible server secret (masks, server split, init); empty = fresh random "
+        "bytes per run (or env FEDQSN_SERVER_SECRET); see Server secret",
+    ),
     "device": Key(
         "auto",
         str,
@@ -210,8 +288,9 @@ SPEC: dict[str, Key] = {
     "run-name": Key(
         "",
         str,
-        "any text without '/' (empty = <time>-<strategy>-seed<seed>)",
-        lambda v: "/" not in v,
+        "a folder name: no '/' or '\\', not '.' or '..', no control characters "
+        "(empty = <time>-<strategy>-seed<seed>)",
+        _run_name_ok,
         "name of this run's output folder",
     ),
     "config": Key(
@@ -238,7 +317,8 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
     elif key.kind is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            if math.isfinite(float(value)):
+                return float(value)
     elif isinstance(value, str):
         return value
     raise ConfigError(f"config key '{name}' = {value!r} is invalid; allowed: {key.allowed}")
@@ -264,6 +344,11 @@ def validate(config: Mapping[str, Any]) -> Config:
         raise ConfigError(
             "config keys 'test-fraction' + 'pretrain-fraction' must leave at least 10% "
             "of the data to the clients"
+        )
+    if out["hidden-feedback"] and out["strategy"] not in ("fedsn", "fedqsn"):
+        raise ConfigError(
+            "config key 'hidden-feedback' needs a server mask: strategy fedsn or fedqsn, "
+            f"not {out['strategy']!r}"
         )
     return out
 

@@ -1,7 +1,7 @@
 """Splits and partitions: who holds which examples.
 
 A data set (:mod:`fedqsn_flwr.datasets`; the default, ``digits``, ships with
-scikit-learn) is split once per seed into three disjoint parts:
+scikit-learn) is split into three disjoint parts:
 
 * a server-held **test** set: the data set's own test split when it has one,
   else ``test-fraction`` of the examples (digits, a text file without
@@ -13,8 +13,10 @@ scikit-learn) is split once per seed into three disjoint parts:
   label, ``dirichlet-alpha``). Each partition keeps 20% aside for the client's
   local evaluation.
 
-The same seed gives the same splits and partitions on the server and on every
-client, which is how both sides agree without exchanging data.
+The client pool and its partitions come from the run's ``seed``, which every
+client has: that is how both sides agree without exchanging data. Which of the
+server's rows are its test set and which its pretraining set comes from the
+server secret (:mod:`fedqsn_flwr.secret`), which no client has.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ import torch
 
 from .datasets import (
     DATASETS,
+    MNIST1D_LENGTH,
     DataKey,
     RawData,
+    generate_mnist1d,
     is_partition_loader,
     load_raw,
     load_user_partition,
 )
+from .masking import derive_seed
 from .models import InputSpec
+from .secret import secret_seed
 
 __all__ = [
     "DATASETS",
@@ -121,35 +127,103 @@ def _raw(key: DataKey) -> RawData:
     return load_raw(key)
 
 
+def _split_rows(
+    length: int, seed: int, test_fraction: float, pretrain_fraction: float, own_test: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(server rows, pool rows): the public part of the split, from ``seed`` alone.
+
+    Clients compute their pool from the run's seed; which of the server's rows
+    are its test set and which its pretraining set is the secret part
+    (:func:`load_server_data`).
+    """
+    order = np.random.default_rng(seed).permutation(length)
+    n_server = round(pretrain_fraction * length)
+    if not own_test:
+        n_server += round(test_fraction * length)
+    return order[:n_server], order[n_server:]
+
+
+@lru_cache(maxsize=8)
+def load_pool(
+    dataset: str | DataKey, seed: int, test_fraction: float, pretrain_fraction: float, size: int = 0
+) -> Split:
+    """The client pool: what all clients hold together, from the public ``seed``.
+
+    ``size`` is the pool size of a generated data set (MNIST-1D); others ignore it.
+    """
+    key = _as_key(dataset)
+    if key.dataset == "mnist1d":
+        raw = generate_mnist1d(size, derive_seed(seed, 11), key.mnist1d_client_shear)
+        return _splits(raw)[0]
+    raw = _raw(key)
+    full, own_test = _splits(raw)
+    if is_partition_loader(key):
+        return full.subset(np.arange(0))
+    _, pool = _split_rows(len(full), seed, test_fraction, pretrain_fraction, own_test is not None)
+    return full.subset(pool)
+
+
+def _mnist1d_server(key: DataKey, secret: bytes) -> ServerData:
+    pretrain = generate_mnist1d(key.mnist1d_server_examples, secret_seed(secret, "mnist1d-server"))
+    test = generate_mnist1d(
+        key.mnist1d_test_examples, secret_seed(secret, "mnist1d-test"), key.mnist1d_client_shear
+    )
+    return ServerData(
+        test=_splits(test)[0],
+        pretrain=_splits(pretrain)[0],
+        pool=Split(torch.zeros(0, *pretrain.spec.shape), torch.zeros(0, dtype=torch.long)),
+        spec=pretrain.spec,
+    )
+
+
 @lru_cache(maxsize=8)
 def load_server_data(
-    dataset: str | DataKey, seed: int, test_fraction: float, pretrain_fraction: float
+    dataset: str | DataKey,
+    seed: int,
+    test_fraction: float,
+    pretrain_fraction: float,
+    secret: bytes,
 ) -> ServerData:
-    """Split ``dataset`` into test / pretraining / client pool for ``seed``."""
-    raw = _raw(_as_key(dataset))
+    """The server's test set, private pretraining set and the client pool.
+
+    The pool is public (:func:`load_pool`, from ``seed``); which of the server's
+    own rows are its test set and which its pretraining set comes from the server
+    ``secret`` (:mod:`fedqsn_flwr.secret`). With a data set's own test split the
+    pretraining rows are the training rows outside the pool. MNIST-1D's server
+    and test examples are generated from the secret (its ``pool`` is left empty:
+    its size depends on the number of partitions; see :func:`load_pool`).
+    """
+    key = _as_key(dataset)
+    if key.dataset == "mnist1d":
+        return _mnist1d_server(key, secret)
+    raw = _raw(key)
     full, own_test = _splits(raw)
-    order = np.random.default_rng(seed).permutation(len(full))
+    if is_partition_loader(key):
+        # the server's own examples are its private pretraining set; clients bring theirs
+        server, pool = np.arange(len(full)), np.arange(0)
+    else:
+        server, pool = _split_rows(
+            len(full), seed, test_fraction, pretrain_fraction, own_test is not None
+        )
     if own_test is None:
+        server = server[
+            np.random.default_rng(secret_seed(secret, "split")).permutation(len(server))
+        ]
         n_test = round(test_fraction * len(full))
-        test = full.subset(order[:n_test])
-        order = order[n_test:]
+        test, server = full.subset(server[:n_test]), server[n_test:]
     else:
         test = own_test
-    n_pretrain = round(pretrain_fraction * len(full))
-    if is_partition_loader(_as_key(dataset)):
-        # the server's own examples are its private pretraining set; clients bring theirs
-        n_pretrain = len(order)
     return ServerData(
-        test=test,
-        pretrain=full.subset(order[:n_pretrain]),
-        pool=full.subset(order[n_pretrain:]),
-        spec=raw.spec,
+        test=test, pretrain=full.subset(server), pool=full.subset(pool), spec=raw.spec
     )
 
 
 def input_spec(dataset: str | DataKey) -> InputSpec:
     """Input shape and number of classes of ``dataset`` (loads it once per process)."""
-    return _raw(_as_key(dataset)).spec
+    key = _as_key(dataset)
+    if key.dataset == "mnist1d":
+        return InputSpec("signal", (1, MNIST1D_LENGTH), 10)
+    return _raw(key).spec
 
 
 def _partition_indices(
@@ -204,7 +278,8 @@ def load_client_data(
         )
         part = Split(x, y, **stats)
     else:
-        pool = load_server_data(key, seed, test_fraction, pretrain_fraction).pool
+        size = key.mnist1d_client_examples * num_partitions
+        pool = load_pool(key, seed, test_fraction, pretrain_fraction, size)
         # Shuffle first: IidPartitioner cuts contiguous shards.
         shuffled = pool.subset(np.random.default_rng([seed, 1]).permutation(len(pool)))
         parts = _partition_indices(shuffled.y.numpy(), num_partitions, partitioning, alpha, seed)

@@ -14,6 +14,13 @@ built for. :mod:`fedqsn_flwr.data` then splits and partitions it.
 * ``ag-news``, ``sst2`` -- text classification through ``FederatedDataset``.
 * ``text`` -- a local ``train.csv`` or ``train.jsonl`` (``text``, ``label``
   columns; optional ``test.csv``/``test.jsonl``) in ``data-dir``.
+* ``mnist1d`` -- MNIST-1D (Greydanus, 2020), generated procedurally by the
+  ``mnist1d`` package: no file, no network. Unlike every other data set, the
+  server's and the clients' examples come from two generators (see
+  :func:`generate_mnist1d`): the server's pretraining set from the package's
+  default one, the clients' pool and the test set from one whose
+  ``shear_scale`` is ``mnist1d-client-shear`` (1.25: a shift the server's data
+  does not cover; 0.75 is the default generator: no shift).
 * ``package.module:loader`` -- your own: a callable taking keyword arguments
   ``data_dir`` and ``seed`` and returning :class:`RawData`, an ``(x, y)`` pair or
   an ``(x_train, y_train, x_test, y_test)`` tuple of tensors. If it also takes
@@ -47,7 +54,9 @@ from .models import InputSpec
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 TEXT_DATASETS = ("ag-news", "sst2")
-DATASETS = ("digits", *IMAGE_DATASETS, *TEXT_DATASETS, "text")
+DATASETS = ("digits", "mnist1d", *IMAGE_DATASETS, *TEXT_DATASETS, "text")
+#: MNIST-1D's signals: 1 channel of 40 values, 10 classes.
+MNIST1D_LENGTH = 40
 
 #: Hugging Face dataset ids used through flwr-datasets, and their columns.
 HF_DATASETS: dict[str, dict[str, str]] = {
@@ -81,6 +90,11 @@ class DataKey:
     data_dir: str = ""
     vocab_size: int = 8192
     max_length: int = 64
+    mnist1d_server_examples: int = 20_000
+    mnist1d_client_examples: int = 125
+    mnist1d_test_examples: int = 4_000
+    mnist1d_client_shear: float = 1.25
+    trust_data_dir: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,11 @@ def data_key(config: dict[str, Any] | Any) -> DataKey:
         data_dir=str(config.get("data-dir", "")),
         vocab_size=int(config.get("vocab-size", 8192)),
         max_length=int(config.get("max-length", 64)),
+        mnist1d_server_examples=int(config.get("mnist1d-server-examples", 20_000)),
+        mnist1d_client_examples=int(config.get("mnist1d-client-examples", 125)),
+        mnist1d_test_examples=int(config.get("mnist1d-test-examples", 4_000)),
+        mnist1d_client_shear=float(config.get("mnist1d-client-shear", 1.25)),
+        trust_data_dir=bool(config.get("trust-data-dir", False)),
     )
 
 
@@ -212,10 +231,19 @@ def load_text_files(key: DataKey) -> RawData:
 # -- images -----------------------------------------------------------------------
 
 
-def _torchvision_cifar(name: str) -> type:
+def _torchvision_cifar(name: str, trust: bool) -> type:
+    """Torchvision's CIFAR reader: checksums checked, or (``trust``) files only.
+
+    CIFAR's "python version" files are pickles, and unpickling runs code: by
+    default torchvision's MD5 check of the official files comes first, so only
+    those are ever unpickled. ``trust-data-dir`` skips it, for a folder you made
+    or converted yourself (and trust like your own code).
+    """
     from torchvision.datasets import CIFAR10, CIFAR100
 
     base = CIFAR10 if name == "cifar10" else CIFAR100
+    if not trust:
+        return base
 
     class LocalCIFAR(base):  # type: ignore[misc, valid-type]
         """torchvision's CIFAR reader; files must exist, checksums are not required.
@@ -244,14 +272,20 @@ def load_torchvision(key: DataKey) -> RawData:
         "cifar10": None,
         "cifar100": None,
     }
-    reader = classes[key.dataset] or _torchvision_cifar(key.dataset)
+    reader = classes[key.dataset] or _torchvision_cifar(key.dataset, key.trust_data_dir)
     try:
         train = reader(root, train=True, download=False)
         test = reader(root, train=False, download=False)
     except RuntimeError as err:
+        checksums = (
+            "; CIFAR files must match torchvision's checksums unless you set "
+            "trust-data-dir = true (the files are pickles: only for a folder you trust)"
+            if key.dataset.startswith("cifar") and not key.trust_data_dir
+            else ""
+        )
         raise DataError(
             f"dataset '{key.dataset}' not found under data-dir '{root}' ({err}); "
-            "see the README for the folder layout torchvision expects"
+            f"see the README for the folder layout torchvision expects{checksums}"
         ) from err
 
     def images(ds: Any) -> torch.Tensor:
@@ -326,6 +360,41 @@ def load_digits_data() -> RawData:
         None,
         InputSpec("image", (1, 8, 8), 10),
     )
+
+
+def generate_mnist1d(num_examples: int, seed: int, shear_scale: float = 0.75) -> RawData:
+    """``num_examples`` MNIST-1D signals (N, 1, 40) from ``mnist1d.data.make_dataset``.
+
+    Offline: ``make_dataset`` generates (``get_dataset`` would try a download, so
+    it is never called). It reseeds numpy's and Python's global generators; their
+    states are put back afterwards. Each generated set is standardised with its
+    own statistics, as the package does. ``shear_scale`` 0.75 is the package's
+    default generator.
+    """
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise DataError(
+            "dataset 'mnist1d' needs the mnist1d package (pip install mnist1d)"
+        ) from err
+    if num_examples < 10:
+        raise DataError(f"MNIST-1D needs at least 10 examples (one per class), got {num_examples}")
+    args = get_dataset_args()
+    args.num_samples = int(num_examples)
+    args.train_split = 1.0
+    args.shear_scale = float(shear_scale)
+    args.seed = int(seed) % 2**32
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        generated = make_dataset(args)
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    x = torch.tensor(generated["x"], dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(generated["y"], dtype=torch.long)
+    return RawData(x, y, None, None, InputSpec("signal", (1, MNIST1D_LENGTH), 10))
 
 
 def _user_loader(key: DataKey) -> Any:

@@ -34,7 +34,8 @@ class InputSpec:
     Parameters
     ----------
     kind : str
-        ``"image"`` (float tensors of ``shape``) or ``"text"`` (token ids).
+        ``"image"`` (float tensors of ``shape``), ``"signal"`` (float (C, L)
+        sequences, e.g. MNIST-1D) or ``"text"`` (token ids).
     shape : tuple[int, ...]
         One example's shape: (channels, height, width) for images, (length,) for
         token sequences.
@@ -89,15 +90,30 @@ class SmallCNN(nn.Module):
         return self.fc2(self.drop(x))
 
 
-class MLP(nn.Module):
-    """A perceptron with hidden layers of 256 and 128 features on flattened images."""
+def _flat_features(spec: InputSpec, model: str) -> int:
+    if spec.kind not in ("image", "signal"):
+        raise ValueError(f"model '{model}' needs images or signals; the data is {spec.kind}")
+    return math.prod(spec.shape)
 
-    def __init__(self, spec: InputSpec = DIGITS_SPEC, dropout: float = 0.2) -> None:
+
+class MLP(nn.Module):
+    """A perceptron on flattened inputs (images or 1-D signals).
+
+    ``hidden=(256, 128)`` by default (``mlp``); ``mlp512`` is the 512-512 one of
+    the MNIST-1D setting (40-512-512-10: 288,778 parameters).
+    """
+
+    def __init__(
+        self,
+        spec: InputSpec = DIGITS_SPEC,
+        dropout: float = 0.2,
+        hidden: tuple[int, int] = (256, 128),
+    ) -> None:
         super().__init__()
-        channels, height, width = _image_shape(spec, "mlp")
-        self.fc1 = nn.Linear(channels * height * width, 256)
-        self.fc2 = nn.Linear(256, 128)
-        self.fc3 = nn.Linear(128, spec.num_classes)
+        features = _flat_features(spec, "mlp")
+        self.fc1 = nn.Linear(features, hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.fc3 = nn.Linear(hidden[1], spec.num_classes)
         self.act = nn.ReLU()
         self.drop = nn.Dropout(dropout)
 
@@ -106,6 +122,40 @@ class MLP(nn.Module):
         x = self.act(self.fc1(x.flatten(1)))
         x = self.act(self.fc2(self.drop(x)))
         return self.fc3(self.drop(x))
+
+
+def mlp512(spec: InputSpec, dropout: float = 0.2) -> nn.Module:
+    """:class:`MLP` with two hidden layers of 512 features."""
+    return MLP(spec, dropout, hidden=(512, 512))
+
+
+class SignalCNN(nn.Module):
+    """A small 1-D CNN for (C, L) signals such as MNIST-1D.
+
+    Two convolutions (32 and 64 channels, max-pooling by 2) and two linear
+    layers; for MNIST-1D's 1 x 40 signals 89,738 parameters. The attacks use it
+    as the colluding clients' own architecture (a CNN from scratch).
+    """
+
+    def __init__(self, spec: InputSpec, dropout: float = 0.2) -> None:
+        super().__init__()
+        if spec.kind != "signal" or len(spec.shape) != 2:
+            raise ValueError(f"model 'cnn1d' needs signals (C, L); the data is {spec.kind}")
+        channels, length = spec.shape
+        self.conv1 = nn.Conv1d(channels, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv1d(32, 64, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(64 * (length // 4), 128)
+        self.fc2 = nn.Linear(128, spec.num_classes)
+        self.pool = nn.MaxPool1d(2)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of (N, C, L) signals."""
+        x = self.pool(self.act(self.conv1(x)))
+        x = self.pool(self.act(self.conv2(self.drop(x))))
+        x = self.act(self.fc1(self.drop(x.flatten(1))))
+        return self.fc2(self.drop(x))
 
 
 def resnet18(spec: InputSpec, dropout: float = 0.0) -> nn.Module:
@@ -220,6 +270,8 @@ ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {
     "cnn": SmallCNN,
     "mlp": MLP,
+    "mlp512": mlp512,
+    "cnn1d": SignalCNN,
     "resnet18": resnet18,
     "transformer": TextTransformer,
 }

@@ -29,7 +29,10 @@ def _pyplot():  # noqa: ANN202 - matplotlib's module
 def _variant(row: Mapping[str, Any]) -> str:
     if not row["knob"]:
         return row["strategy"]
-    value = row["value"] if "=" in row["value"] else f"{row['knob']}={row['value']}"
+    if row["knob"] == "variant" or "=" in row["value"]:
+        value = row["value"]
+    else:
+        value = f"{row['knob']}={row['value']}"
     return f"{row['strategy']} {value}"
 
 
@@ -120,6 +123,12 @@ def _privacy_utility(
         )
     low = min(min(float(r[x_column]) for r in rows), min(float(r["global_accuracy"]) for r in rows))
     ax.plot([low, 1], [low, 1], color="grey", lw=0.8, ls="--")
+    fedavg = _nanmean([float(r["global_accuracy"]) for r in rows if r["strategy"] == "fedavg"])
+    if not math.isnan(fedavg):
+        ax.axhline(fedavg, color="black", lw=0.8, ls=":", label="FedAvg's global model")
+    data_only = _nanmean([float(r.get("data_only_accuracy", math.nan)) for r in rows])
+    if x_column == "best_attack_accuracy" and not math.isnan(data_only):
+        ax.axvline(data_only, color="tab:red", lw=0.8, ls=":", label="data only (no proxy)")
     ax.set_xlabel(x_label)
     ax.set_ylabel("global model accuracy (server keeps)")
     ax.set_title("Privacy-utility: up and to the left is better", fontsize=9)

@@ -35,9 +35,11 @@ floating-point tensor of the proxy, encoded as the layout asks:
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +60,8 @@ from .quantization import (
 PROXY_RECORD = "proxy"
 LAYOUT_RECORD = "proxy-layout"
 UPDATE_RECORD = "update"
+#: Reply record of a client's hidden-unit feedback (``hidden-feedback``).
+FEEDBACK_RECORD = "feedback"
 #: Keys of the proxy's concatenated arrays (tensor names never start with "proxy/").
 UNITS_KEY, CODES_KEY, SCALES_KEY, VALUES_KEY = (
     "proxy/units",
@@ -215,30 +219,66 @@ def _visible_values(
     return take_units(tensor, axis, units).to(torch.float32).mul_(scale)
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The exact ``.npy`` header numpy writes for a C-order array of ``descr``, ``shape``."""
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
 def array_values(array: Array) -> np.ndarray:
     """The values of a Flower :class:`~flwr.app.Array` as a read-only numpy view.
 
     Same values as ``array.numpy()``, which parses the ``.npy`` header with
     ``ast.literal_eval`` -- about 0.1 ms per array, the largest cost of decoding
-    a small model's update. Here the header is only checked (C order, the dtype
-    in this machine's byte order, the exact size) and anything unexpected falls
-    back to ``array.numpy()``.
+    a small model's update. Here the header is compared byte for byte with the
+    one numpy writes for the declared dtype and shape, and the size checked;
+    anything else falls back to ``array.numpy()``, whose result must be exactly
+    the declared shape and dtype (:class:`InvalidUpdate` otherwise).
     """
     data = array.data
-    if array.stype == "numpy.ndarray" and data[:6] == b"\x93NUMPY" and len(data) > 10:
-        size_bytes = 2 if data[6] == 1 else 4
-        header_len = int.from_bytes(data[8 : 8 + size_bytes], "little")
-        start = 8 + size_bytes + header_len
-        header = data[8 + size_bytes : start]
-        dtype = np.dtype(array.dtype)
-        count = math.prod(array.shape)
-        if (
-            b"'fortran_order': False" in header
-            and f"'descr': '{dtype.str}'".encode() in header
-            and len(data) - start == count * dtype.itemsize
-        ):
-            return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(array.shape)
-    return array.numpy()
+    if array.stype == "numpy.ndarray" and data[:6] == b"\x93NUMPY":
+        try:
+            dtype = np.dtype(array.dtype)
+            shape = tuple(int(n) for n in array.shape)
+        except (TypeError, ValueError) as err:
+            raise InvalidUpdate(f"array declares dtype {array.dtype!r}") from err
+        if min(shape, default=0) >= 0:
+            header = _npy_header(dtype.str, shape)
+            count = math.prod(shape)
+            if data[: len(header)] == header and len(data) - len(header) == count * dtype.itemsize:
+                return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(
+                    shape
+                )
+    return _strict_numpy(array)
+
+
+def _strict_numpy(array: Array) -> np.ndarray:
+    """``array.numpy()``, whose result must be exactly the declared shape and dtype.
+
+    Flower's ``Array`` carries a declared shape and dtype beside its bytes; the
+    bytes (a ``.npy`` file) carry their own. A reply whose two disagree -- a bias
+    declared (128,) holding one scalar that would broadcast, a buffer cut short
+    or holding more columns than declared -- is refused here, as is anything that
+    does not decode.
+    """
+    if array.stype != "numpy.ndarray":
+        raise InvalidUpdate(f"array stype {array.stype!r} is not 'numpy.ndarray'")
+    try:
+        declared = np.dtype(array.dtype)
+        values = array.numpy()
+    except Exception as err:  # any parse error of untrusted bytes means the same
+        raise InvalidUpdate(f"array bytes do not decode ({type(err).__name__})") from err
+    if not isinstance(values, np.ndarray):
+        raise InvalidUpdate("array bytes do not hold an ndarray")
+    if values.dtype != declared or values.shape != tuple(array.shape):
+        raise InvalidUpdate(
+            f"array bytes hold {values.dtype}{values.shape}, declared "
+            f"{array.dtype}{tuple(array.shape)}"
+        )
+    return values
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -636,13 +676,85 @@ def encode_update(trained: Mapping[str, torch.Tensor], proxy: Proxy) -> ArrayRec
             delta = current - received.cpu().to(torch.float32)
             if name in proxy.unit_axes:
                 delta = take_units(delta, proxy.unit_axes[name], proxy.visible[name])
-        if proxy.update_bit_width == 32:
-            arrays[name] = Array(_numpy(delta))
-        elif proxy.update_bit_width == 16:
-            arrays[name] = Array(_numpy(delta.to(torch.float16)))
-        else:
-            arrays.update(_quantized_arrays(name, delta, proxy.update_bit_width, proxy.block_size))
+        arrays.update(_encoded(name, delta, proxy.update_bit_width, proxy.block_size))
     return ArrayRecord(arrays)
+
+
+def _encoded(name: str, values: torch.Tensor, bit_width: int, block_size: int) -> dict[str, Array]:
+    """``values`` as float32 (32), float16 (16) or NF-k codes and scales (2..8)."""
+    if bit_width == 32:
+        return {name: Array(_numpy(values))}
+    if bit_width == 16:
+        return {name: Array(_numpy(values.to(torch.float16)))}
+    return _quantized_arrays(name, values, bit_width, block_size)
+
+
+def hidden_units(num_units: int, visible: torch.Tensor) -> torch.Tensor:
+    """The units of a tensor that are not in ``visible`` (sorted, int64)."""
+    keep = torch.ones(num_units, dtype=torch.bool)
+    keep[visible.cpu()] = False
+    return keep.nonzero().flatten()
+
+
+def encode_feedback(gradients: Mapping[str, torch.Tensor], proxy: Proxy) -> ArrayRecord:
+    """A client's hidden-unit feedback: its loss gradient at the proxy's hidden units.
+
+    For every masked tensor, the slices of ``gradients`` at the units the proxy
+    hides (server- and client-hidden alike: the client cannot tell them apart),
+    encoded like the update (``proxy.update_bit_width``). Computing them needs no
+    hidden value: for an input unit j of a layer, dL/dW[:, j] = dL/dy * x_j.
+    """
+    arrays: dict[str, Array] = {}
+    for name, axis in sorted(proxy.unit_axes.items()):
+        grad = gradients[name].detach().cpu().to(torch.float32)
+        hidden = hidden_units(grad.shape[axis], proxy.visible[name])
+        if hidden.numel() == 0:
+            continue
+        arrays.update(
+            _encoded(
+                name, grad.index_select(axis, hidden), proxy.update_bit_width, proxy.block_size
+            )
+        )
+    return ArrayRecord(arrays)
+
+
+def feedback_spec(spec: ProxySpec, policy: MaskPolicy) -> ProxySpec:
+    """The shapes a client's feedback must have, given what it was sent."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, axis in policy.unit_axes.items():
+        if name not in spec.update_shapes:
+            continue
+        shape = list(spec.update_shapes[name])
+        hidden = policy.unit_counts[name] - spec.visible[name].numel()
+        if hidden == 0:
+            continue
+        shape[axis] = hidden
+        shapes[name] = tuple(shape)
+    return replace(spec, update_shapes=shapes)
+
+
+def decode_feedback(
+    record: ArrayRecord, spec: ProxySpec, policy: MaskPolicy
+) -> dict[str, torch.Tensor]:
+    """Validate a client's feedback (see :func:`encode_feedback`); float32 per tensor.
+
+    Each tensor holds the slices of the units the client did *not* see, in the
+    order of :func:`hidden_units`. Raises :class:`InvalidUpdate` like
+    :func:`decode_update`.
+    """
+    expected_spec = feedback_spec(spec, policy)
+    expected, received = _update_keys(expected_spec), set(record.keys())
+    if missing := sorted(expected - received):
+        raise InvalidUpdate(f"missing feedback for {missing}")
+    if extra := sorted(received - expected):
+        raise InvalidUpdate(f"unexpected feedback arrays {extra}")
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in expected_spec.update_shapes.items():
+        values = _update_tensor(record, name, shape, expected_spec)
+        if not _all_finite(values):
+            raise InvalidUpdate(f"feedback '{name}' holds NaN or Inf")
+        out[name] = values
+    return out
 
 
 def _update_keys(spec: ProxySpec) -> set[str]:

@@ -71,7 +71,15 @@ class RunRecorder:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.directory = output_root(config) / run_name(config)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / ".writable"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise RunFolderError(
+                f"config key 'output-dir': cannot write the run folder {self.directory}: {err}"
+            ) from err
         self.metrics_path = self.directory / "metrics.csv"
         self.checkpoint_path = self.directory / "checkpoint.pt"
         self.rows: list[dict[str, float]] = []
@@ -88,17 +96,37 @@ class RunRecorder:
         (self.directory / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=True))
 
     def _resume(self, config: Mapping[str, Any]) -> None:
-        saved = yaml.safe_load((self.directory / "config.yaml").read_text())
+        config_path = self.directory / "config.yaml"
+        try:
+            saved = yaml.safe_load(config_path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise RunFolderError(
+                f"cannot resume from {self.directory}: {config_path.name} is missing or "
+                f"unreadable ({err}); use another run-name or set resume = false"
+            ) from err
+        if not isinstance(saved, dict):
+            raise RunFolderError(
+                f"cannot resume from {self.directory}: {config_path.name} is not a mapping"
+            )
         if saved != dict(config):
             changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
             raise ValueError(
                 f"{self.directory} holds a checkpoint of a run with another configuration "
                 f"(differs in {changed}); use another run-name or set resume = false"
             )
-        self.checkpoint = torch.load(self.checkpoint_path, weights_only=False)
+        self.checkpoint = load_checkpoint(self.checkpoint_path)
         done = int(self.checkpoint["round"])
-        # rows written after the checkpoint (a kill between the two) are redone
-        self.rows = [r for r in read_metrics(self.metrics_path) if r["round"] <= done]
+        try:
+            rows = read_metrics(self.metrics_path)
+        except (OSError, ValueError, KeyError) as err:
+            raise RunFolderError(
+                f"cannot resume from {self.directory}: {self.metrics_path.name} is missing or "
+                f"unreadable ({err}); use another run-name or set resume = false"
+            ) from err
+        # rows written after the checkpoint (a kill between the two) are redone, and a
+        # round written twice (a kill between a row and its checkpoint) counts once
+        by_round = {int(r["round"]): r for r in rows if r["round"] <= done}
+        self.rows = [by_round[r] for r in sorted(by_round)]
         self._start -= self.rows[-1]["elapsed_seconds"] if self.rows else 0.0
         with self.metrics_path.open("w", newline="") as handle:
             writer = csv.writer(handle)
@@ -165,6 +193,38 @@ class RunRecorder:
         for row in self.rows:
             lines.append(" ".join(f"{_cell(row[c]):>15}" for c in columns))
         return "\n".join(lines)
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be written or resumed (the message names the file)."""
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's ``checkpoint.pt``, loaded with ``weights_only=True`` and checked.
+
+    ``weights_only`` unpickles tensors, containers and numbers only: a crafted
+    checkpoint cannot run code. A truncated, foreign or malformed file raises
+    :class:`RunFolderError` naming it.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a bad file: all mean the same
+        raise RunFolderError(
+            f"cannot resume: {path} is not a readable checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); use another run-name or set "
+            "resume = false"
+        ) from err
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("round"), int)
+        or not isinstance(checkpoint.get("global"), dict)
+        or not isinstance(checkpoint.get("strategy"), dict)
+    ):
+        raise RunFolderError(
+            f"cannot resume: {path} is not a checkpoint of this app (needs round, global, "
+            "strategy); use another run-name or set resume = false"
+        )
+    return checkpoint
 
 
 def _cell(value: float) -> str:

@@ -107,6 +107,36 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> tuple[floa
     return loss_sum / len(data), correct / len(data)
 
 
+def loss_gradient(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor] | None,
+    data: Split,
+    batch_size: int = 512,
+) -> dict[str, torch.Tensor]:
+    """Mean cross-entropy gradient of every parameter of ``model`` (loaded with ``state``).
+
+    In eval mode (no dropout), so the same state and data give the same gradient
+    on the client and on the server. ``state`` None uses the model as it is.
+    """
+    if state is not None:
+        model.load_state_dict(dict(state))
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    device = model_device(model)
+    with torch.enable_grad():
+        for start in range(0, len(data), batch_size):
+            x = data.inputs(slice(start, start + batch_size)).to(device)
+            y = data.y[start : start + batch_size].to(device)
+            loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / len(data)
+            loss.backward()
+    grads = {
+        name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for name, p in model.named_parameters()
+    }
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def evaluate_state(
     model: nn.Module, state: Mapping[str, torch.Tensor], data: Split
 ) -> tuple[float, float]:

@@ -11,9 +11,13 @@ from fedqsn_flwr.config import validate
 from fedqsn_flwr.inprocess import InProcessGrid as LocalGrid
 from fedqsn_flwr.inprocess import Tamper
 from fedqsn_flwr.models import build_model
+from fedqsn_flwr.secret import from_text
 from fedqsn_flwr.server import build_strategy, train_config
 
-__all__ = ["LocalGrid", "Tamper", "run_local"]
+#: The server secret of every test federation (reproducible masks, like a research run).
+TEST_SECRET = from_text("tests")
+
+__all__ = ["TEST_SECRET", "LocalGrid", "Tamper", "run_local"]
 
 
 def run_local(base_config: dict[str, Any], rounds: int = 2, **overrides: Any) -> tuple:
@@ -25,7 +29,7 @@ def run_local(base_config: dict[str, Any], rounds: int = 2, **overrides: Any) ->
     torch.manual_seed(0)
     model = build_model("cnn")
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    strategy = build_strategy(config, model, None)
+    strategy = build_strategy(config, model, None, server_secret=TEST_SECRET)
     result = strategy.start(
         LocalGrid(3, config),
         ArrayRecord(model.state_dict()),

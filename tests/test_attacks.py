@@ -6,9 +6,17 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MessageType
 
-from fedqsn_flwr.attack import collude, finetune, main, run_attacks
+from fedqsn_flwr.attack import (
+    collude,
+    data_only_reference,
+    finetune,
+    knowledge_leakage,
+    main,
+    run_attacks,
+)
 from fedqsn_flwr.config import validate
-from fedqsn_flwr.data import load_client_data, load_server_data
+from fedqsn_flwr.data import Split, input_spec, load_client_data, load_server_data
+from fedqsn_flwr.datasets import DataKey
 from fedqsn_flwr.masking import policy_for_model
 from fedqsn_flwr.models import build_model
 from fedqsn_flwr.privacy import hidden_units
@@ -17,7 +25,7 @@ from fedqsn_flwr.server import build_strategy, train_config
 from fedqsn_flwr.simulation import simulate
 from fedqsn_flwr.strategy import FedQSN
 from fedqsn_flwr.training import evaluate
-from tests.helpers import LocalGrid
+from tests.helpers import TEST_SECRET, LocalGrid
 
 MARK = 1.0e4
 
@@ -35,7 +43,7 @@ def _federation(base_config, rounds=3, p1=0.3, p2=0.3, plant=True, strategy="fed
     )
     torch.manual_seed(0)
     model = build_model("cnn")
-    strat = build_strategy(config, model, None)
+    strat = build_strategy(config, model, None, server_secret=TEST_SECRET)
     state = model.state_dict()
     hidden = {}
     if plant and isinstance(strat, FedQSN) and strat.policy.unit_axes:
@@ -102,7 +110,7 @@ def test_exposure_grows_but_never_exceeds_its_bound(base_config):
 def test_finetuning_attack_improves_on_the_proxy_as_is(base_config):
     strategy, grid, _, _ = _federation(base_config, rounds=1, p1=0.5, p2=0.5, plant=False)
     proxy = _received(grid)[(1, MessageType.TRAIN, 0)]
-    test = load_server_data("digits", base_config["seed"], 0.2, 0.1).test
+    test = load_server_data("digits", base_config["seed"], 0.2, 0.1, TEST_SECRET).test
     own = load_client_data("digits", base_config["seed"], 0.2, 0.1, 0, 3, "iid", 0.5)[0]
     model = build_model("cnn")
     model.load_state_dict(proxy.state)
@@ -160,8 +168,37 @@ def test_attack_command_on_a_real_run_is_deterministic(tmp_path, capsys):
     assert first["privacy_gap"] == pytest.approx(
         first["global_accuracy"] - first["best_attack_accuracy"]
     )
+    # the data-only reference: the run's model from a public init on the pooled data
+    reference = first["pooled_data_only"]
+    assert set(reference["tried"]) == {"cnn"} and first["data_only_accuracy"] == max(
+        reference["tried"].values()
+    )
+    if first["no_model_knowledge"]:
+        assert first["knowledge_leakage"] is None
+        assert first["global_accuracy"] <= first["data_only_accuracy"] + 0.02
+    else:
+        assert first["knowledge_leakage"] == pytest.approx(
+            (first["best_attack_accuracy"] - first["data_only_accuracy"])
+            / (first["global_accuracy"] - first["data_only_accuracy"])
+        )
     second = run_attacks(run, epochs=2, max_clients=2)
     assert second == first
+
+
+def test_knowledge_leakage_and_the_data_only_reference():
+    assert knowledge_leakage(0.80, 0.70, 0.90) == pytest.approx(0.5)
+    assert knowledge_leakage(0.65, 0.70, 0.90) == pytest.approx(-0.25)  # below data only
+    assert knowledge_leakage(0.95, 0.70, 0.71) is None  # nothing to protect
+    assert knowledge_leakage(0.95, 0.70, 0.72) is None
+    key = DataKey("mnist1d")
+    spec = input_spec(key)
+    pooled = Split(torch.randn(60, 1, 40), torch.arange(60) % 10)
+    test = Split(torch.randn(40, 1, 40), torch.arange(40) % 10)
+    config = {"model": "mlp512", "dropout": 0.0, "seed": 1}
+    reference = data_only_reference(config, spec, pooled, test, 1, [0.01])
+    assert set(reference["tried"]) == {"mlp512", "cnn1d"}  # the run's model and a small CNN
+    assert reference["accuracy"] == max(reference["tried"].values())
+    assert reference["model"] in reference["tried"]
 
 
 def test_attack_needs_saved_messages(tmp_path, capsys):

@@ -53,6 +53,14 @@ def test_sweep_expands_one_knob_at_a_time(tmp_path):
         ({"strategies": ["fedqsn"], "sweep": {"bit-width": [4, 9]}}, "bit-width"),
         ({"strategies": ["fedqsn"], "runs": 3}, "unknown key"),
         ({"seeds": [0]}, "strategies"),
+        ({"strategies": ["fedqsn"], "nodes": 0}, "nodes"),
+        ({"strategies": ["fedqsn"], "attack-epochs": 0}, "attack-epochs"),
+        ({"strategies": [{"label": "x"}]}, "strategies entry"),
+        ({"strategies": [{"strategy": "fedqsn", "colour": 1}]}, "unknown"),
+        (
+            {"strategies": [{"strategy": "fedq", "config": {"hidden-feedback": True}}]},
+            "hidden-feedback",
+        ),
     ],
 )
 def test_bad_plans_fail_before_any_run(tmp_path, content, match):
@@ -67,6 +75,15 @@ def test_shipped_comparison_presets_expand():
     assert len(load_plan(root / "strategies.yaml").runs) == 12
     assert len(load_plan(root / "ablation.yaml").runs) == 18 * 3
     assert len(load_plan(root / "scarce-data.yaml").runs) == 6
+    flagship = load_plan(root / "proprietary.yaml")
+    assert len(flagship.runs) == 9 * 3 and flagship.attack_epochs == 30
+    variants = {(r.strategy, r.value) for r in flagship.runs}
+    assert ("fedqsn", "p1=0.7+feedback") in variants and ("fedavg", "") in variants
+    run = next(r for r in flagship.runs if r.value == "p1=0.8+feedback")
+    assert run.overrides["server-mask-ratio"] == 0.8 and run.overrides["hidden-feedback"]
+    assert run.overrides["dataset"] == "mnist1d" and run.overrides["mnist1d-client-shear"] == 1.25
+    no_shift = load_plan(root / "proprietary-no-shift.yaml")
+    assert {r.overrides["mnist1d-client-shear"] for r in no_shift.runs} == {0.75}
 
 
 def test_compare_runs_every_strategy_and_summarises_the_runs(tmp_path, capsys):

@@ -16,7 +16,7 @@ from fedqsn_flwr import (
 )
 from fedqsn_flwr.data import load_server_data
 from fedqsn_flwr.training import evaluate, train
-from tests.helpers import LocalGrid
+from tests.helpers import TEST_SECRET, LocalGrid
 
 
 class UserNet(nn.Module):
@@ -41,7 +41,7 @@ class UserNet(nn.Module):
 def user_train(message: Message, context, config) -> Message:
     """What a user writes in their ClientApp's @app.train()."""
     partition = int(context.node_config["partition-id"])
-    pool = load_server_data("digits", 0, 0.2, 0.1).pool
+    pool = load_server_data("digits", 0, 0.2, 0.1, TEST_SECRET).pool
     data = pool.subset(torch.arange(partition, len(pool), 3).numpy())
     model = UserNet()
     proxy = decode_proxy(
@@ -78,6 +78,7 @@ def test_fedqsn_trains_a_users_own_model(base_config):
         4,
         32,
         seed=1,
+        server_secret=TEST_SECRET,
         fraction_evaluate=0.0,
         min_train_nodes=3,
         min_available_nodes=3,
@@ -85,7 +86,7 @@ def test_fedqsn_trains_a_users_own_model(base_config):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     grid = LocalGrid(3, base_config, train_handler=user_train)
     result = strategy.start(grid, ArrayRecord(start), num_rounds=3)
-    test = load_server_data("digits", 0, 0.2, 0.1).test
+    test = load_server_data("digits", 0, 0.2, 0.1, TEST_SECRET).test
     model.load_state_dict(start)
     before = evaluate(model, test)[1]
     model.load_state_dict(result.arrays.to_torch_state_dict())

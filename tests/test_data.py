@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from fedqsn_flwr.data import load_client_data, load_server_data
+from tests.helpers import TEST_SECRET
 
 
 def test_server_splits_are_disjoint_and_cover_the_digits():
-    data = load_server_data("digits", 1, 0.2, 0.2)
+    data = load_server_data("digits", 1, 0.2, 0.2, TEST_SECRET)
     assert len(data.test) + len(data.pretrain) + len(data.pool) == 1797
     assert len(data.test) == 359 and len(data.pretrain) == 359
     assert tuple(data.test.x.shape[1:]) == (1, 8, 8)
@@ -15,7 +16,7 @@ def test_server_splits_are_disjoint_and_cover_the_digits():
 
     labels = torch.cat([data.test.y, data.pretrain.y, data.pool.y])
     assert torch.equal(torch.bincount(labels), torch.bincount(torch.tensor(load_digits().target)))
-    assert not torch.equal(data.test.y, load_server_data("digits", 2, 0.2, 0.2).test.y)
+    assert not torch.equal(data.test.y, load_server_data("digits", 2, 0.2, 0.2, TEST_SECRET).test.y)
 
 
 def _partitions(partitioning, alpha=0.5, seed=1, n=5):
@@ -25,7 +26,7 @@ def _partitions(partitioning, alpha=0.5, seed=1, n=5):
 @pytest.mark.parametrize("partitioning", ["iid", "dirichlet"])
 def test_partitions_cover_the_pool_and_are_deterministic(partitioning):
     parts = _partitions(partitioning)
-    pool = load_server_data("digits", 1, 0.2, 0.2).pool
+    pool = load_server_data("digits", 1, 0.2, 0.2, TEST_SECRET).pool
     assert sum(len(t) + len(e) for t, e in parts) == len(pool)
     load_client_data.cache_clear()
     again = _partitions(partitioning)

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 from fedqsn_flwr import datasets
 from fedqsn_flwr.data import input_spec, load_client_data, load_server_data
 from fedqsn_flwr.datasets import DataError, DataKey, load_raw, tokenize
+from tests.helpers import TEST_SECRET
 
 
 def _idx(path, array, code):
@@ -61,7 +62,7 @@ def test_cifar10_python_batches_load_through_torchvision(tmp_path):
         {"data": rng.integers(0, 256, (4, 3072), np.uint8), "labels": [1] * 4},
     )
     _pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
-    raw = load_raw(DataKey("cifar10", data_dir=str(tmp_path)))
+    raw = load_raw(DataKey("cifar10", data_dir=str(tmp_path), trust_data_dir=True))
     assert raw.train_x.shape == (15, 3, 32, 32) and raw.test_x.shape == (4, 3, 32, 32)
     # CIFAR rows are R plane, G plane, B plane of a 32x32 image
     assert torch.equal(raw.train_x[0], torch.from_numpy(batches[0][0].reshape(3, 32, 32)))
@@ -79,9 +80,26 @@ def test_cifar100_python_files_load_through_torchvision(tmp_path):
         folder / "test", {"data": rng.integers(0, 256, (2, 3072), np.uint8), "fine_labels": [7, 8]}
     )
     _pickle(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
-    raw = load_raw(DataKey("cifar100", data_dir=str(tmp_path)))
+    raw = load_raw(DataKey("cifar100", data_dir=str(tmp_path), trust_data_dir=True))
     assert raw.train_x.shape == (6, 3, 32, 32) and raw.train_y.tolist() == [0, 5, 99, 1, 2, 3]
     assert raw.spec.num_classes == 100
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned-by-cifar",))
+
+
+def test_cifar_files_are_checked_before_unpickling_unless_trusted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        _pickle(folder / name, _RunsCode())
+    with pytest.raises(DataError, match="trust-data-dir"):
+        load_raw(DataKey("cifar10", data_dir=str(tmp_path)))
+    assert not (tmp_path / "pwned-by-cifar").exists()
 
 
 def test_missing_local_copy_says_where_it_looked(tmp_path):
@@ -167,7 +185,7 @@ def test_flwr_datasets_without_network_explains_the_offline_option(monkeypatch):
 def test_own_test_split_becomes_the_server_test_set_and_images_are_standardized(tmp_path):
     _mnist_folder(tmp_path, "MNIST", n_train=40, n_test=7)
     key = DataKey("mnist", data_dir=str(tmp_path))
-    server = load_server_data(key, 0, 0.2, 0.25)
+    server = load_server_data(key, 0, 0.2, 0.25, TEST_SECRET)
     assert len(server.test) == 7 and len(server.pretrain) == 10 and len(server.pool) == 30
     batch = server.pool.inputs(slice(0, 30))
     assert batch.dtype == torch.float32 and abs(float(batch.mean())) < 0.2
@@ -198,7 +216,7 @@ def test_a_users_partition_loader_gives_each_client_its_own_data(
     from fedqsn_flwr.config import validate
     from fedqsn_flwr.models import build_model
     from fedqsn_flwr.server import build_strategy, train_config
-    from tests.helpers import LocalGrid
+    from tests.helpers import TEST_SECRET, LocalGrid
 
     (tmp_path / "my_parts.py").write_text(
         "import torch\n"
@@ -212,7 +230,7 @@ def test_a_users_partition_loader_gives_each_client_its_own_data(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     key = DataKey("my_parts:load")
-    server = load_server_data(key, 0, 0.2, 0.1)
+    server = load_server_data(key, 0, 0.2, 0.1, TEST_SECRET)
     assert len(server.test) == 20 and len(server.pretrain) == 40 and len(server.pool) == 0
     for partition in range(3):
         train, evaluation = load_client_data(key, 0, 0.2, 0.1, partition, 3, "iid", 0.5)
@@ -229,7 +247,7 @@ def test_a_users_partition_loader_gives_each_client_its_own_data(
         }
     )
     model = build_model("cnn")
-    strategy = build_strategy(config, model, None)
+    strategy = build_strategy(config, model, None, server_secret=TEST_SECRET)
     result = strategy.start(
         LocalGrid(3, config),
         ArrayRecord(model.state_dict()),

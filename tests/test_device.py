@@ -9,7 +9,7 @@ from fedqsn_flwr.masking import policy_for_model
 from fedqsn_flwr.models import build_model
 from fedqsn_flwr.server import train_config
 from fedqsn_flwr.strategy import FedQSN
-from tests.helpers import LocalGrid, run_local
+from tests.helpers import TEST_SECRET, LocalGrid, run_local
 
 
 def test_compact_uplink_cuts_bytes_and_still_moves_the_model(base_config):
@@ -37,6 +37,7 @@ def test_cuda_strategy_sends_the_same_proxies_and_aggregates_alike(base_config):
             4,
             64,
             seed=3,
+            server_secret=TEST_SECRET,
             device=device,
             fraction_evaluate=0.0,
             min_train_nodes=3,

@@ -10,7 +10,7 @@ from fedqsn_flwr.models import build_model
 from fedqsn_flwr.privacy import SimilarityReference, to_global_units
 from fedqsn_flwr.proxy import LAYOUT_RECORD, PROXY_RECORD, decode_proxy, message_units
 from fedqsn_flwr.strategy import FedQSN, message_bytes
-from tests.helpers import LocalGrid
+from tests.helpers import TEST_SECRET, LocalGrid
 
 MARK = 1.0e4  # hidden weights are planted far outside the visible range
 
@@ -39,6 +39,7 @@ def _cnn_and_strategy(bits, **fedavg_kwargs):
         bit_width=bits,
         block_size=64,
         seed=3,
+        server_secret=TEST_SECRET,
         min_train_nodes=4,
         min_available_nodes=4,
         **fedavg_kwargs,
@@ -102,6 +103,7 @@ def test_hidden_units_of_the_global_model_never_move(base_config):
         4,
         64,
         seed=3,
+        server_secret=TEST_SECRET,
         fraction_evaluate=0.0,
         min_train_nodes=3,
         min_available_nodes=3,

@@ -8,7 +8,7 @@ from fedqsn_flwr.models import build_model
 from fedqsn_flwr.proxy import PROXY_RECORD
 from fedqsn_flwr.server import build_strategy, train_config
 from fedqsn_flwr.strategy import FedQSN, MeasuredFedAvg
-from tests.helpers import LocalGrid, run_local
+from tests.helpers import TEST_SECRET, LocalGrid, run_local
 
 
 def _run(base_config, **overrides):
@@ -40,7 +40,9 @@ def test_strategy_names_build_the_right_proxies(base_config):
     arrays = ArrayRecord(model.state_dict())
     kinds = {}
     for name in ("fedavg", "fedprox", "fedq", "fedsn", "fedqsn"):
-        strategy = build_strategy({**config, "strategy": name}, model, None)
+        strategy = build_strategy(
+            {**config, "strategy": name}, model, None, server_secret=TEST_SECRET
+        )
         message = next(
             iter(
                 strategy.configure_train(

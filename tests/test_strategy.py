@@ -11,10 +11,10 @@ from fedqsn_flwr.masking import policy_for_model
 from fedqsn_flwr.models import build_model
 from fedqsn_flwr.proxy import UPDATE_RECORD, decode_update, encode_proxy
 from fedqsn_flwr.strategy import METRICS_RECORD, FedQSN
-from tests.helpers import LocalGrid
+from tests.helpers import TEST_SECRET, LocalGrid
 
 
-def _strategy(num_nodes, seed=3):
+def _strategy(num_nodes, seed=3, secret=TEST_SECRET):
     torch.manual_seed(0)
     model = build_model("cnn")
     strategy = FedQSN(
@@ -24,6 +24,7 @@ def _strategy(num_nodes, seed=3):
         4,
         64,
         seed=seed,
+        server_secret=secret,
         fraction_evaluate=0.0,
         min_train_nodes=num_nodes,
         min_available_nodes=num_nodes,
@@ -104,10 +105,10 @@ def test_a_round_with_no_valid_reply_leaves_the_global_model_unchanged(base_conf
     assert len(result.arrays) > 0
 
 
-def test_same_seed_gives_the_same_federation(base_config):
+def test_same_seed_and_secret_give_the_same_federation(base_config):
     finals = []
-    for seed in (3, 3, 4):
-        strategy, state = _strategy(3, seed=seed)
+    for secret in (b"a" * 32, b"a" * 32, b"b" * 32):
+        strategy, state = _strategy(3, secret=secret)
         result = strategy.start(LocalGrid(3, base_config), ArrayRecord(state), num_rounds=2)
         finals.append(result.arrays.to_torch_state_dict())
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
@@ -151,6 +152,7 @@ def test_absurd_num_examples_and_outlier_norms_are_rejected(base_config, caplog)
         4,
         64,
         seed=3,
+        server_secret=TEST_SECRET,
         fraction_evaluate=0.0,
         min_train_nodes=5,
         min_available_nodes=5,
@@ -170,5 +172,5 @@ def test_absurd_num_examples_and_outlier_norms_are_rejected(base_config, caplog)
     node_of = {grid.partition(n): n for n in grid.contexts}
     assert f"node {node_of[1]}: update norm" in caplog.text
     assert f"node {node_of[2]}: 'num-examples' = 1000000000 exceeds the bound" in caplog.text
-    assert f"node {node_of[3]}: 'num-examples' must be a positive finite number" in caplog.text
+    assert f"node {node_of[3]}: 'num-examples' = -4 is outside (0, 10000]" in caplog.text
     assert strategy.round_log[1]["num_aggregated"] == 2

@@ -9,6 +9,7 @@ from fedqsn_flwr.config import DEFAULTS, ConfigError, validate
 from fedqsn_flwr.results import load_received, read_metrics
 from fedqsn_flwr.server import initial_model, server_data
 from fedqsn_flwr.simulation import simulate
+from tests.helpers import TEST_SECRET
 
 WORDS = {
     0: ["awful", "bad", "boring", "poor", "dull", "worst"],
@@ -83,8 +84,8 @@ def test_a_users_model_factory_and_starting_weights(tmp_path, monkeypatch):
     _user_module(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = validate({**DEFAULTS, "model": "user_models:tiny", "pretrain-epochs": 0})
-    data = server_data(config)
-    model = initial_model(config, data)
+    data = server_data(config, TEST_SECRET)
+    model = initial_model(config, data, TEST_SECRET)
     assert [name for name, _ in model.named_parameters()] == [
         "1.weight",
         "1.bias",
@@ -94,12 +95,16 @@ def test_a_users_model_factory_and_starting_weights(tmp_path, monkeypatch):
     # the server's proprietary weights, from a file
     weights = {k: torch.full_like(v, 0.25) for k, v in model.state_dict().items()}
     torch.save(weights, tmp_path / "server.pt")
-    loaded = initial_model({**config, "initial-model": str(tmp_path / "server.pt")}, data)
+    loaded = initial_model(
+        {**config, "initial-model": str(tmp_path / "server.pt")}, data, TEST_SECRET
+    )
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
     # pretraining continues from them
     tuned = initial_model(
-        {**config, "initial-model": str(tmp_path / "server.pt"), "pretrain-epochs": 1}, data
+        {**config, "initial-model": str(tmp_path / "server.pt"), "pretrain-epochs": 1},
+        data,
+        TEST_SECRET,
     )
     assert not torch.equal(tuned.state_dict()["3.weight"], weights["3.weight"])
 
@@ -107,14 +112,14 @@ def test_a_users_model_factory_and_starting_weights(tmp_path, monkeypatch):
 def test_bad_factories_and_weight_files_are_clear_errors(tmp_path, monkeypatch):
     _user_module(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    data = server_data(validate(DEFAULTS))
+    data = server_data(validate(DEFAULTS), TEST_SECRET)
     base = validate({**DEFAULTS, "pretrain-epochs": 0})
     with pytest.raises(ValueError, match="not a torch.nn.Module"):
-        initial_model({**base, "model": "user_models:not_a_model"}, data)
+        initial_model({**base, "model": "user_models:not_a_model"}, data, TEST_SECRET)
     with pytest.raises(ValueError, match="cannot import"):
-        initial_model({**base, "model": "no_such_module:f"}, data)
+        initial_model({**base, "model": "no_such_module:f"}, data, TEST_SECRET)
     torch.save({"fc9.weight": torch.zeros(2)}, tmp_path / "wrong.pt")
     with pytest.raises(ConfigError, match="initial-model.*does not fit"):
-        initial_model({**base, "initial-model": str(tmp_path / "wrong.pt")}, data)
+        initial_model({**base, "initial-model": str(tmp_path / "wrong.pt")}, data, TEST_SECRET)
     with pytest.raises(ConfigError, match="initial-model.*cannot load"):
-        initial_model({**base, "initial-model": str(tmp_path / "missing.pt")}, data)
+        initial_model({**base, "initial-model": str(tmp_path / "missing.pt")}, data, TEST_SECRET)

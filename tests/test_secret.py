@@ -1,0 +1,161 @@
+"""The server secret: what clients must not predict derives from it, and only from it."""
+
+import os
+import stat
+
+import pytest
+import torch
+import yaml
+
+from fedqsn_flwr.config import DEFAULTS, ConfigError, validate
+from fedqsn_flwr.data import load_pool, load_server_data
+from fedqsn_flwr.datasets import DataKey
+from fedqsn_flwr.masking import draw_server_mask, policy_for_model
+from fedqsn_flwr.models import build_model
+from fedqsn_flwr.proxy import received_model
+from fedqsn_flwr.results import load_received
+from fedqsn_flwr.secret import (
+    SECRET_ENV,
+    SECRET_FILE,
+    SecretError,
+    from_text,
+    resolve_secret,
+    secret_seed,
+    store_secret,
+)
+from fedqsn_flwr.server import build_strategy
+from fedqsn_flwr.simulation import simulate
+from fedqsn_flwr.strategy import FedQSN
+
+
+def test_secret_seeds_differ_by_purpose_keys_and_secret():
+    a, b = from_text("a"), from_text("b")
+    seeds = {
+        secret_seed(a, "server-mask"),
+        secret_seed(a, "client-mask"),
+        secret_seed(a, "client-mask", 1, 1),
+        secret_seed(a, "client-mask", 1, 1, 0),  # trailing zero: still another seed
+        secret_seed(a, "client-mask", 1, 10),
+        secret_seed(b, "server-mask"),
+    }
+    assert len(seeds) == 6
+    assert secret_seed(a, "x", 3) == secret_seed(a, "x", 3)
+    assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(SecretError, match="32 bytes"):
+        secret_seed(b"short", "x")
+
+
+def test_resolve_secret_order_and_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    fresh1, source = resolve_secret({"server-secret-file": ""}, run, False, environ={})
+    fresh2, _ = resolve_secret({"server-secret-file": ""}, run, False, environ={})
+    assert source == "fresh random bytes" and fresh1 != fresh2 and len(fresh1) == 32
+    file = tmp_path / "secret.txt"
+    file.write_text("my reproducible secret\n")
+    from_file, source = resolve_secret({"server-secret-file": str(file)}, run, False, environ={})
+    assert source == "server-secret-file" and from_file == from_text(file.read_bytes())
+    from_env, source = resolve_secret(
+        {"server-secret-file": str(file)}, run, False, environ={SECRET_ENV: "other"}
+    )
+    assert source.startswith("environment") and from_env == from_text("other")
+    # a resumed run keeps its stored secret, and refuses an explicit other one
+    store_secret(run, fresh1)
+    assert stat.S_IMODE(os.stat(run / SECRET_FILE).st_mode) == 0o600
+    assert resolve_secret({"server-secret-file": ""}, run, True, environ={})[0] == fresh1
+    with pytest.raises(SecretError, match="another server secret"):
+        resolve_secret({"server-secret-file": str(file)}, run, True, environ={})
+    with pytest.raises(SecretError, match="cannot read"):
+        resolve_secret({"server-secret-file": str(tmp_path / "nope")}, run, False, environ={})
+
+
+def test_server_mask_comes_from_the_secret_not_the_seed():
+    model = build_model("cnn")
+    policy = policy_for_model(model)
+    kwargs = dict(fraction_evaluate=0.0, privacy_metrics=False)
+    one = FedQSN(policy, 0.5, 0.1, seed=3, server_secret=from_text("s"), **kwargs)
+    same = FedQSN(policy, 0.5, 0.1, seed=99, server_secret=from_text("s"), **kwargs)
+    other = FedQSN(policy, 0.5, 0.1, seed=3, server_secret=from_text("t"), **kwargs)
+    fresh = FedQSN(policy, 0.5, 0.1, seed=3, **kwargs)
+    masks = [one, same, other, fresh]
+    equal = [
+        all(torch.equal(a.server_mask[n], b.server_mask[n]) for n in a.server_mask)
+        for a, b in [(one, same), (one, other), (one, fresh)]
+    ]
+    assert equal == [True, False, False]
+    # the client masks too: same secret, same masks, whatever the public seed
+    assert all(
+        torch.equal(one.client_mask(2, 1)[n], same.client_mask(2, 1)[n]) for n in one.server_mask
+    )
+    seed_mask = draw_server_mask(policy, 0.5, 3)  # what a client could compute
+    assert not any(
+        all(torch.equal(seed_mask[n], s.server_mask[n]) for n in seed_mask) for s in masks
+    )
+
+
+def test_split_of_the_servers_rows_is_secret_but_the_pool_is_public():
+    key = DataKey("digits")
+    a = load_server_data(key, 5, 0.2, 0.1, from_text("a"))
+    b = load_server_data(key, 5, 0.2, 0.1, from_text("b"))
+    assert torch.equal(a.pool.x, b.pool.x)
+    assert torch.equal(load_pool(key, 5, 0.2, 0.1).x, a.pool.x)
+    assert len(a.test) == len(b.test) and len(a.pretrain) == len(b.pretrain)
+    assert not torch.equal(a.pretrain.x, b.pretrain.x)
+    server_rows = torch.cat([a.test.x, a.pretrain.x]).flatten(1)
+    other_rows = torch.cat([b.test.x, b.pretrain.x]).flatten(1)
+    # the same rows, divided otherwise
+    assert torch.equal(server_rows.sort(0).values, other_rows.sort(0).values)
+
+
+def test_hidden_feedback_is_refused_without_a_server_mask():
+    with pytest.raises(ConfigError, match="hidden-feedback"):
+        validate({**DEFAULTS, "strategy": "fedq", "hidden-feedback": True})
+    config = validate({**DEFAULTS, "hidden-feedback": True})
+    with pytest.raises(ValueError, match="feedback_gradient_fn"):
+        build_strategy(config, build_model("cnn"), None)
+
+
+def test_a_client_with_everything_it_receives_cannot_rebuild_the_server_mask(tmp_path):
+    """A real simulation; the "client" holds the run config, node config and every message."""
+    run = simulate(
+        {
+            "output-dir": str(tmp_path),
+            "run-name": "secret",
+            "num-server-rounds": 2,
+            "pretrain-epochs": 1,
+            "local-epochs": 1,
+            "server-mask-ratio": 0.5,
+            "fraction-evaluate": 1.0,
+            "seed": 11,
+        },
+        num_nodes=2,
+    )
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    secret = (run / SECRET_FILE).read_bytes()
+    received = load_received(run)
+    assert received and config["server-secret-file"] == ""
+    # the secret is in no message a client received (raw bytes, as sent)
+    files = list((run / "received").rglob("*.pb"))
+    assert files
+    for file in files:
+        data = file.read_bytes()
+        assert secret not in data and secret.hex().encode() not in data
+    model = build_model(config["model"], config["dropout"], seed=config["seed"])
+    policy = policy_for_model(model)
+    seen: dict[str, set[int]] = {}
+    for content in received.values():
+        proxy = received_model(content)
+        for name, units in proxy.visible.items():
+            seen.setdefault(name, set()).update(units.tolist())
+    # every unit a client saw is server-visible; a seed-derived mask hides some of them
+    guess = draw_server_mask(policy, config["server-mask-ratio"], config["seed"])
+    hidden_by_guess_but_seen = sum(len(seen[n] - set(guess[n].tolist())) for n in guess)
+    assert hidden_by_guess_but_seen > 0
+    # and the server's starting model is not the public (seed) initialisation
+    final = torch.load(run / "final_model.pt", weights_only=True)
+    public = model.state_dict()
+    assert not torch.equal(final["fc1.weight"], public["fc1.weight"])
+    # the strategy rebuilt with the run's secret has exactly the masks the clients saw
+    strategy = FedQSN(policy, config["server-mask-ratio"], 0.1, server_secret=secret)
+    for name, units in seen.items():
+        assert units <= set(strategy.server_mask[name].tolist())
