@@ -98,7 +98,13 @@ def data_only_reference(
         model = build_model(name, config["dropout"], seed=config["seed"], spec=spec)
         public = {k: v.clone() for k, v in model.state_dict().items()}
         accuracy, rate, epoch = finetune(
-            model, public, pooled, test, epochs, learning_rates, derive_seed(config["seed"], 9)
+            model,
+            public,
+            pooled,
+            test,
+            epochs,
+            learning_rates,
+            derive_seed("attack-data-only", config["seed"]),
         )
         tried[name] = accuracy
         if accuracy > best["accuracy"]:
@@ -157,7 +163,7 @@ def finetune(
     for rate in learning_rates:
         model.load_state_dict(dict(state))
         for epoch in range(1, epochs + 1):
-            train(model, data, 1, rate, 32, seed=derive_seed(seed, epoch))
+            train(model, data, 1, rate, 32, seed=derive_seed("attack-epoch", seed, epoch))
             accuracy = evaluate(model, test)[1]
             if accuracy > best[0]:
                 best = (accuracy, rate, epoch)
@@ -232,7 +238,7 @@ def run_attacks(
             data.test,
             epochs,
             learning_rates,
-            derive_seed(config["seed"], 7, p),
+            derive_seed("attack-finetune", config["seed"], p),
         )
         for p in attacked
     }
@@ -259,7 +265,13 @@ def run_attacks(
             f"{len(proxies)} proxies pooled; {coverage:.4f} of the parameters seen",
         )
         accuracy, rate, epoch = finetune(
-            model, state, pooled, data.test, epochs, learning_rates, derive_seed(config["seed"], 8)
+            model,
+            state,
+            pooled,
+            data.test,
+            epochs,
+            learning_rates,
+            derive_seed("attack-collusion", config["seed"]),
         )
         record(
             f"{name}_finetune",

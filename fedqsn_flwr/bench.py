@@ -175,7 +175,7 @@ def _best_times(
 
 def _client_mask(policy: MaskPolicy, seed: int = 0) -> dict[str, torch.Tensor]:
     server = draw_server_mask(policy, P1, seed)
-    return draw_client_mask(server, P2, derive_seed(seed, 1, 1, 0))
+    return draw_client_mask(server, P2, derive_seed("bench-client-mask", seed, 1, 1, 0))
 
 
 def _tensor_policy(name: str, tensor: torch.Tensor) -> MaskPolicy:

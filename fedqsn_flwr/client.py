@@ -97,7 +97,9 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
         epochs=int(settings.get("local-epochs", config["local-epochs"])),
         learning_rate=float(settings.get("learning-rate", config["learning-rate"])),
         batch_size=int(settings.get("batch-size", config["batch-size"])),
-        seed=derive_seed(config["seed"], int(settings.get("server-round", 0)), partition_id),
+        seed=derive_seed(
+            "client-training", config["seed"], int(settings.get("server-round", 0)), partition_id
+        ),
         frozen=proxy.hidden_masks(),
         proximal_mu=float(settings.get("proximal-mu", 0.0)),
     )

@@ -153,7 +153,7 @@ def load_pool(
     """
     key = _as_key(dataset)
     if key.dataset == "mnist1d":
-        raw = generate_mnist1d(size, derive_seed(seed, 11), key.mnist1d_client_shear)
+        raw = generate_mnist1d(size, derive_seed("mnist1d-pool", seed), key.mnist1d_client_shear)
         return _splits(raw)[0]
     raw = _raw(key)
     full, own_test = _splits(raw)
@@ -281,9 +281,12 @@ def load_client_data(
         size = key.mnist1d_client_examples * num_partitions
         pool = load_pool(key, seed, test_fraction, pretrain_fraction, size)
         # Shuffle first: IidPartitioner cuts contiguous shards.
-        shuffled = pool.subset(np.random.default_rng([seed, 1]).permutation(len(pool)))
+        shuffled = pool.subset(
+            np.random.default_rng(derive_seed("pool-shuffle", seed)).permutation(len(pool))
+        )
         parts = _partition_indices(shuffled.y.numpy(), num_partitions, partitioning, alpha, seed)
         part = shuffled.subset(parts[partition_id])
-    order = np.random.default_rng([seed, 2, partition_id]).permutation(len(part))
+    rng = np.random.default_rng(derive_seed("local-evaluation", seed, partition_id))
+    order = rng.permutation(len(part))
     n_eval = max(1, round(LOCAL_EVAL_FRACTION * len(part))) if len(part) > 1 else 0
     return part.subset(order[n_eval:]), part.subset(order[:n_eval])

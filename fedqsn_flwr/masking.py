@@ -25,6 +25,7 @@ accuracy than hiding hidden features.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,9 +112,26 @@ def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPo
     return MaskPolicy(unit_axes=unit_axes, unit_counts=unit_counts, quantized=quantized)
 
 
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed derived from integer keys (run seed, round, node, ...)."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys])
+def derive_seed(purpose: str, *keys: int) -> int:
+    """A 63-bit seed for ``purpose`` from integer keys (run seed, round, node, ...).
+
+    Injective: a hash of the purpose comes first (domain separation: sampling
+    and client training never share a seed), then the number of keys, then
+    every key as exactly two 32-bit words. (numpy's ``SeedSequence`` pads short
+    entropy with zero words, which made ``(s, r, 1, 0)`` and ``(s, r, 1)``
+    collide, and splits each integer into as many words as it needs, which lets
+    ``(2**32, 5)`` and ``(0, 1 + 5 * 2**32)`` collide.) Keys are in 0..2**64-1.
+    Seeds a client must not predict come from the server secret instead
+    (:func:`fedqsn_flwr.secret.secret_seed`).
+    """
+    tag = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "little")
+    words = [tag & 0xFFFFFFFF, tag >> 32, len(keys)]
+    for key in keys:
+        key = int(key)
+        if not 0 <= key < 2**64:
+            raise ValueError(f"derive_seed keys are 0..2**64-1, got {key}")
+        words += [key & 0xFFFFFFFF, key >> 32]
+    state = np.random.SeedSequence(words)
     return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
@@ -130,7 +148,7 @@ def _keep(units: torch.Tensor, ratio: float, generator: torch.Generator) -> torc
 
 def draw_server_mask(policy: MaskPolicy, ratio: float, seed: int) -> UnitMask:
     """Visible units per masked tensor after hiding ``ratio`` (p1) of them."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, 0))
+    generator = torch.Generator().manual_seed(derive_seed("server-mask", seed))
     return {
         name: _keep(torch.arange(count), ratio, generator)
         for name, count in sorted(policy.unit_counts.items())

@@ -742,17 +742,25 @@ def decode_feedback(
     order of :func:`hidden_units`. Raises :class:`InvalidUpdate` like
     :func:`decode_update`.
     """
-    expected_spec = feedback_spec(spec, policy)
-    expected, received = _update_keys(expected_spec), set(record.keys())
+    return _checked_tensors(record, feedback_spec(spec, policy), "feedback")
+
+
+def _checked_tensors(record: ArrayRecord, spec: ProxySpec, what: str) -> dict[str, torch.Tensor]:
+    """Every tensor ``spec`` expects from ``record`` (``what``: update or feedback), checked.
+
+    Exactly the expected keys, each of its shape and dtype, finite.
+    """
+    label = "" if what == "update" else f"{what} "
+    expected, received = _update_keys(spec), set(record.keys())
     if missing := sorted(expected - received):
-        raise InvalidUpdate(f"missing feedback for {missing}")
+        raise InvalidUpdate(f"missing {what} for {missing}")
     if extra := sorted(received - expected):
-        raise InvalidUpdate(f"unexpected feedback arrays {extra}")
+        raise InvalidUpdate(f"unexpected {label}arrays {extra}")
     out: dict[str, torch.Tensor] = {}
-    for name, shape in expected_spec.update_shapes.items():
-        values = _update_tensor(record, name, shape, expected_spec)
+    for name, shape in spec.update_shapes.items():
+        values = _update_tensor(record, name, shape, spec)
         if not _all_finite(values):
-            raise InvalidUpdate(f"feedback '{name}' holds NaN or Inf")
+            raise InvalidUpdate(f"{label}'{name}' holds NaN or Inf")
         out[name] = values
     return out
 
@@ -793,17 +801,8 @@ def decode_update(
     :class:`InvalidUpdate` naming the first problem: a missing or extra key, a
     wrong shape or dtype, NaN/Inf.
     """
-    expected, received = _update_keys(spec), set(update.keys())
-    if missing := sorted(expected - received):
-        raise InvalidUpdate(f"missing update for {missing}")
-    if extra := sorted(received - expected):
-        raise InvalidUpdate(f"unexpected arrays {extra}")
-    deltas: dict[str, torch.Tensor] = {}
-    for name, shape in spec.update_shapes.items():
-        delta = _update_tensor(update, name, shape, spec)
-        if not _all_finite(delta):
-            raise InvalidUpdate(f"'{name}' holds NaN or Inf")
+    deltas = _checked_tensors(update, spec, "update")
+    for name, delta in deltas.items():
         if name in policy.unit_axes:
-            delta = delta / unit_scale(policy.unit_counts[name], spec.visible[name])
-        deltas[name] = delta
+            deltas[name] = delta / unit_scale(policy.unit_counts[name], spec.visible[name])
     return deltas

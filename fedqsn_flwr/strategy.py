@@ -296,7 +296,7 @@ class MeasuredFedAvg(FedAvg):
         allowed = [n for n in all_nodes if n not in self.refused]
         ordered = sorted(allowed, key=lambda n: (self.partition_ids[n], n))
         size = min(len(ordered), max(int(len(ordered) * fraction), min_nodes))
-        rng = random.Random(derive_seed(self.seed, server_round, purpose))
+        rng = random.Random(derive_seed("sampling", self.seed, server_round, purpose))
         chosen = sorted(rng.sample(ordered, size), key=ordered.index)
         log(INFO, "Round %d: sampled %d of %d nodes", server_round, size, len(ordered))
         self._sampled[_PURPOSES[purpose]] = set(chosen)

@@ -42,7 +42,9 @@ def test_server_mask_hides_the_requested_share(ratio):
 def test_client_mask_is_inside_server_visible_set_and_fresh_per_client():
     policy = _policy()
     server = draw_server_mask(policy, 0.3, seed=1)
-    masks = [draw_client_mask(server, 0.3, derive_seed(1, 1, 1, client)) for client in range(5)]
+    masks = [
+        draw_client_mask(server, 0.3, derive_seed("test", 1, 1, 1, client)) for client in range(5)
+    ]
     for mask in masks:
         for name, units in mask.items():
             assert set(units.tolist()) <= set(server[name].tolist())
@@ -56,8 +58,8 @@ def test_masks_are_deterministic_for_a_seed():
     a, b, c = (draw_server_mask(policy, 0.2, seed=s) for s in (5, 5, 6))
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
-    ca = draw_client_mask(a, 0.2, derive_seed(5, 2, 1, 3))
-    cb = draw_client_mask(b, 0.2, derive_seed(5, 2, 1, 3))
+    ca = draw_client_mask(a, 0.2, derive_seed("test", 5, 2, 1, 3))
+    cb = draw_client_mask(b, 0.2, derive_seed("test", 5, 2, 1, 3))
     assert all(torch.equal(ca[n], cb[n]) for n in ca)
 
 
@@ -73,3 +75,20 @@ def test_apply_mask_zeroes_hidden_units_and_rescales_visible_ones():
     out = apply_mask({"w": weight, "b": torch.ones(2)}, policy, mask)["w"]
     assert torch.all(out[:, 1] == 0)
     assert torch.allclose(out[:, [0, 2, 3]], weight[:, [0, 2, 3]] * 4 / 3)
+
+
+def test_derived_seeds_are_domain_separated_and_injective():
+    seeds = {
+        derive_seed("sampling", 5, 2, 1),
+        derive_seed("client-training", 5, 2, 1),  # same keys, another purpose
+        derive_seed("sampling", 5, 2, 1, 0),  # a trailing zero used to collide
+        derive_seed("sampling", 5, 2),
+        derive_seed("sampling", 2**32, 5),
+        derive_seed("sampling", 0, 1 + 5 * 2**32),  # same 32-bit words, other split
+    }
+    assert len(seeds) == 6
+    assert derive_seed("sampling", 5, 2, 1) == derive_seed("sampling", 5, 2, 1)
+    assert all(0 <= s < 2**63 for s in seeds)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match="0..2"):
+            derive_seed("sampling", bad)

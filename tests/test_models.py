@@ -44,7 +44,7 @@ def test_proxy_round_trip_of_every_model(name):
     assert masked <= set(policy.unit_axes) and not unmasked & set(policy.unit_axes)
     state = model.state_dict()
     server = draw_server_mask(policy, 0.1, seed=1)
-    visible = draw_client_mask(server, 0.1, derive_seed(1, 1, 1, 0))
+    visible = draw_client_mask(server, 0.1, derive_seed("test", 1, 1, 1, 0))
     arrays, layout, spec_sent = encode_proxy(state, policy, visible, 4, 64)
     proxy = decode_proxy(arrays, layout)
 
@@ -82,7 +82,7 @@ def test_decoding_into_the_model_is_the_classic_decode_bit_for_bit(name, bits):
     policy = policy_for_model(build_model(name, 0.1, seed=0, spec=spec))
     state = build_model(name, 0.1, seed=0, spec=spec).state_dict()
     server = draw_server_mask(policy, 0.3, seed=1)
-    visible = draw_client_mask(server, 0.2, derive_seed(1, 1, 1, 0))
+    visible = draw_client_mask(server, 0.2, derive_seed("test", 1, 1, 1, 0))
     arrays, layout, _ = encode_proxy(state, policy, visible, bits, 64, update_bit_width=32)
     classic = decode_proxy(arrays, layout)
 

@@ -29,7 +29,7 @@ def _setup(p1=0.3, p2=0.2):
     policy = policy_for_model(model)
     state = model.state_dict()
     server = draw_server_mask(policy, p1, seed=11)
-    visible = draw_client_mask(server, p2, derive_seed(11, 1, 1, 0))
+    visible = draw_client_mask(server, p2, derive_seed("test", 11, 1, 1, 0))
     return model, policy, state, visible
 
 

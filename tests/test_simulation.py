@@ -22,7 +22,15 @@ def simulate(tmp_path, name, num_nodes=4, **overrides):
 def scratch_runs(tmp_path_factory):
     """The same from-scratch FedQSN federation twice (Flower draws new node ids each time)."""
     tmp = tmp_path_factory.mktemp("sim")
-    settings = {"pretrain-epochs": 0, "num-server-rounds": 3, "seed": 5, "fraction-evaluate": 0.5}
+    secret = tmp / "server.secret"
+    secret.write_text("simulation tests")
+    settings = {
+        "pretrain-epochs": 0,
+        "num-server-rounds": 3,
+        "seed": 5,
+        "fraction-evaluate": 0.5,
+        "server-secret-file": str(secret),
+    }
     return [simulate(tmp, f"run{i}", **settings) for i in range(2)]
 
 
@@ -48,7 +56,7 @@ def test_fedqsn_from_scratch_learns_and_writes_every_round(scratch_runs):
     assert set(final) >= {"conv1.weight", "fc2.bias"} and final["fc1.weight"].dtype == torch.float32
 
 
-def test_same_seed_gives_the_same_results_across_real_simulations(scratch_runs):
+def test_same_seed_and_secret_give_the_same_results_across_real_simulations(scratch_runs):
     first, second = (read_metrics(run / "metrics.csv") for run in scratch_runs)
     for a, b in zip(first, second, strict=True):
         for column in ACCURACY_COLUMNS:
