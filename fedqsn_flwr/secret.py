@@ -66,7 +66,11 @@ def secret_seed(secret: bytes, purpose: str, *keys: int) -> int:
         raise SecretError(f"a server secret has {SECRET_BYTES} bytes, got {len(secret)}")
     name = purpose.encode()
     data = struct.pack(">I", len(name)) + name + struct.pack(">I", len(keys))
-    data += b"".join(struct.pack(">q", int(k)) for k in keys)
+    for key in keys:
+        # 64-bit unsigned: Flower's node ids (a node's fallback partition id) use it all
+        if not 0 <= int(key) < 2**64:
+            raise SecretError(f"secret_seed keys are 0..2**64-1, got {key}")
+        data += struct.pack(">Q", int(key))
     digest = hashlib.blake2b(data, key=secret, digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
 

@@ -43,6 +43,10 @@ def test_secret_seeds_differ_by_purpose_keys_and_secret():
     assert all(0 <= s < 2**63 for s in seeds)
     with pytest.raises(SecretError, match="32 bytes"):
         secret_seed(b"short", "x")
+    # a node id (unsigned 64-bit) is a valid key: nodes without a partition id use theirs
+    assert secret_seed(a, "client-mask", 1, 1, 2**64 - 1) != secret_seed(a, "client-mask", 1, 1, 0)
+    with pytest.raises(SecretError, match="0..2"):
+        secret_seed(a, "x", -1)
 
 
 def test_resolve_secret_order_and_resume(tmp_path):
