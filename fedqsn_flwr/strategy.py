@@ -812,13 +812,7 @@ class FedQSN(MeasuredFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
     ) -> list[Message]:
         self._global = arrays.to_torch_state_dict()
-        self._model_norm = math.sqrt(
-            sum(
-                float(t.double().pow(2).sum())
-                for t in self._global.values()
-                if t.is_floating_point()
-            )
-        )
+        self._model_norm = _norm(t.numpy() for t in self._global.values() if t.is_floating_point())
         if self.hidden_feedback:
             self._prepare_feedback(config)
         if self._exposure is None:
