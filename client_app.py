@@ -2,6 +2,6 @@
 
 from pathlib import Path
 
-from fedqsn_flwr.apps import make_client_app
+from fedqsn_flwr.app.apps import make_client_app
 
 app = make_client_app(Path(__file__).resolve().parent)

@@ -2,6 +2,6 @@
 
 from pathlib import Path
 
-from fedqsn_flwr.apps import make_server_app
+from fedqsn_flwr.app.apps import make_server_app
 
 app = make_server_app(Path(__file__).resolve().parent)

@@ -15,8 +15,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from fedqsn_flwr.results import read_metrics
-from fedqsn_flwr.simulation import simulate
+from fedqsn_flwr.app.results import read_metrics
+from fedqsn_flwr.experiments.simulation import simulate
 
 VARIANTS: dict[str, dict[str, object]] = {
     "MLP, p=0.1, hidden units only (default policy)": {"model": "mlp"},

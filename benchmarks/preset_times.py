@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from fedqsn_flwr.models import InputSpec, build_model
+from fedqsn_flwr.app.models import InputSpec, build_model
 
 NODES, PARALLEL = 10, 2
 

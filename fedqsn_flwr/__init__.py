@@ -8,25 +8,20 @@ Use the strategy in your own Flower app::
                       client_mask_ratio=0.1, bit_width=4, block_size=64, seed=0)
 
 and, in your ClientApp, :func:`decode_proxy` the received proxy, train it and
-reply with :func:`encode_update` (see ``fedqsn_flwr/client.py``).
+reply with :func:`encode_update` (see ``fedqsn_flwr/app/client.py``).
 """
 
-from .aggregation import ClientUpdate, apply_updates
-from .datasets import DataKey, RawData
-from .masking import MaskPolicy, apply_mask, draw_client_mask, draw_server_mask, policy_for_model
-from .models import InputSpec, build_model
-from .proxy import (
-    LAYOUT_RECORD,
-    PROXY_RECORD,
-    UPDATE_RECORD,
-    InvalidUpdate,
-    Proxy,
-    decode_proxy,
-    decode_update,
-    encode_proxy,
-    encode_update,
+from fedqsn_flwr.app.models import InputSpec, build_model
+from fedqsn_flwr.app.sources import DataKey, RawData
+from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.core.masking import (
+    MaskPolicy,
+    apply_mask,
+    draw_client_mask,
+    draw_server_mask,
+    policy_for_model,
 )
-from .quantization import (
+from fedqsn_flwr.core.quantization import (
     dequantize,
     dequantize_packed,
     normal_float_codebook,
@@ -35,7 +30,24 @@ from .quantization import (
     quantize_packed,
     unpack_bits,
 )
-from .strategy import METRICS_RECORD, FedQSN, MeasuredFedAvg
+from fedqsn_flwr.flower.protocol import (
+    LAYOUT_RECORD,
+    METRICS_RECORD,
+    PROXY_RECORD,
+    UPDATE_RECORD,
+)
+from fedqsn_flwr.flower.proxy import (
+    InvalidUpdate,
+    Proxy,
+    decode_proxy,
+    decode_update,
+    encode_proxy,
+    encode_update,
+)
+from fedqsn_flwr.flower.strategies import (
+    FedQSN,
+    MeasuredFedAvg,
+)
 
 __all__ = [
     "LAYOUT_RECORD",

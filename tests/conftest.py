@@ -16,7 +16,7 @@ def task_identity():
 
 @pytest.fixture
 def base_config(tmp_path):
-    from fedqsn_flwr.config import DEFAULTS, validate
+    from fedqsn_flwr.app.config import DEFAULTS, validate
 
     return validate(
         {

@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from fedqsn_flwr.config import validate
-from fedqsn_flwr.inprocess import InProcessGrid as LocalGrid
-from fedqsn_flwr.inprocess import Tamper
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.secret import from_text
-from fedqsn_flwr.server import build_strategy, train_config
+from fedqsn_flwr.app.config import validate
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.server import build_strategy, train_config
+from fedqsn_flwr.core.secret import from_text
+from fedqsn_flwr.experiments.inprocess import InProcessGrid as LocalGrid
+from fedqsn_flwr.experiments.inprocess import Tamper
 
 #: The server secret of every test federation (reproducible masks, like a research run).
 TEST_SECRET = from_text("tests")

@@ -1,7 +1,7 @@
 import torch
 
-from fedqsn_flwr.aggregation import ClientUpdate, apply_updates
-from fedqsn_flwr.masking import MaskPolicy
+from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.core.masking import MaskPolicy
 
 
 def test_two_clients_by_hand():

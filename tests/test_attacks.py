@@ -6,7 +6,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MessageType
 
-from fedqsn_flwr.attack import (
+from fedqsn_flwr.app.config import validate
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.server import build_strategy, train_config
+from fedqsn_flwr.app.sources import DataKey
+from fedqsn_flwr.app.splits import Split, input_spec, load_client_data, load_server_data
+from fedqsn_flwr.app.training import evaluate
+from fedqsn_flwr.core.masking import policy_for_model
+from fedqsn_flwr.experiments.attack import (
     collude,
     data_only_reference,
     finetune,
@@ -14,17 +21,10 @@ from fedqsn_flwr.attack import (
     main,
     run_attacks,
 )
-from fedqsn_flwr.config import validate
-from fedqsn_flwr.data import Split, input_spec, load_client_data, load_server_data
-from fedqsn_flwr.datasets import DataKey
-from fedqsn_flwr.masking import policy_for_model
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.privacy import hidden_units
-from fedqsn_flwr.proxy import received_model
-from fedqsn_flwr.server import build_strategy, train_config
-from fedqsn_flwr.simulation import simulate
-from fedqsn_flwr.strategy import FedQSN
-from fedqsn_flwr.training import evaluate
+from fedqsn_flwr.experiments.simulation import simulate
+from fedqsn_flwr.flower.privacy import hidden_units
+from fedqsn_flwr.flower.proxy import received_model
+from fedqsn_flwr.flower.strategies import FedQSN
 from tests.helpers import TEST_SECRET, LocalGrid
 
 MARK = 1.0e4

@@ -6,9 +6,9 @@ import math
 import pytest
 import yaml
 
-from fedqsn_flwr.compare import SUMMARY_COLUMNS, load_plan, main
-from fedqsn_flwr.config import ConfigError
-from fedqsn_flwr.results import read_metrics
+from fedqsn_flwr.app.config import ConfigError
+from fedqsn_flwr.app.results import read_metrics
+from fedqsn_flwr.experiments.compare import SUMMARY_COLUMNS, load_plan, main
 
 
 def _preset(tmp_path, **content):
@@ -135,7 +135,7 @@ def test_compare_runs_every_strategy_and_summarises_the_runs(tmp_path, capsys):
 
 
 def test_an_interrupted_comparison_keeps_finished_runs_and_resumes(tmp_path, monkeypatch, capsys):
-    import fedqsn_flwr.simulation as simulation
+    import fedqsn_flwr.experiments.simulation as simulation
 
     real = simulation.simulate
     calls = []

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedqsn_flwr.config import DEFAULTS, SPEC, ConfigError, resolve, validate
+from fedqsn_flwr.app.config import DEFAULTS, SPEC, ConfigError, resolve, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_pyproject_components_are_the_root_apps():
 
 
 def test_device_key_is_checked_and_auto_picks_what_exists():
-    from fedqsn_flwr.training import pick_device
+    from fedqsn_flwr.app.training import pick_device
 
     for bad in ("gpu", "cuda:x", "CPU", ""):
         with pytest.raises(ConfigError, match="device"):

@@ -14,8 +14,8 @@ from fedqsn_flwr import (
     encode_update,
     policy_for_model,
 )
-from fedqsn_flwr.data import load_server_data
-from fedqsn_flwr.training import evaluate, train
+from fedqsn_flwr.app.splits import load_server_data
+from fedqsn_flwr.app.training import evaluate, train
 from tests.helpers import TEST_SECRET, LocalGrid
 
 
@@ -73,10 +73,10 @@ def test_fedqsn_trains_a_users_own_model(base_config):
     assert "body.2.weight" in policy.quantized  # LayerNorm: quantized, not masked
     strategy = FedQSN(
         policy,
-        0.2,
-        0.2,
-        4,
-        32,
+        server_mask_ratio=0.2,
+        client_mask_ratio=0.2,
+        bit_width=4,
+        block_size=32,
         seed=1,
         server_secret=TEST_SECRET,
         fraction_evaluate=0.0,

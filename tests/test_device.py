@@ -4,11 +4,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedqsn_flwr.config import validate
-from fedqsn_flwr.masking import policy_for_model
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.server import train_config
-from fedqsn_flwr.strategy import FedQSN
+from fedqsn_flwr.app.config import validate
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.server import train_config
+from fedqsn_flwr.core.masking import policy_for_model
+from fedqsn_flwr.flower.strategies import FedQSN
 from tests.helpers import TEST_SECRET, LocalGrid, run_local
 
 
@@ -32,10 +32,10 @@ def test_cuda_strategy_sends_the_same_proxies_and_aggregates_alike(base_config):
     for device in ("cpu", "cuda"):
         strategy = FedQSN(
             policy_for_model(model),
-            0.2,
-            0.2,
-            4,
-            64,
+            server_mask_ratio=0.2,
+            client_mask_ratio=0.2,
+            bit_width=4,
+            block_size=64,
             seed=3,
             server_secret=TEST_SECRET,
             device=device,

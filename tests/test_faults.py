@@ -7,10 +7,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from fedqsn_flwr.apps import make_server_app
-from fedqsn_flwr.client import handle_query, handle_train
-from fedqsn_flwr.config import resolve
-from fedqsn_flwr.results import read_metrics
+from fedqsn_flwr.app.apps import make_server_app
+from fedqsn_flwr.app.client import handle_query, handle_train
+from fedqsn_flwr.app.config import resolve
+from fedqsn_flwr.app.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,14 +7,19 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from fedqsn_flwr.config import ConfigError, validate
-from fedqsn_flwr.data import ServerData, Split, load_server_data
-from fedqsn_flwr.datasets import data_key
-from fedqsn_flwr.feedback import ClientFeedback, feedback_direction, hidden_slices
-from fedqsn_flwr.masking import draw_client_mask, draw_server_mask, policy_for_model
-from fedqsn_flwr.models import DIGITS_SPEC, build_model
-from fedqsn_flwr.proxy import (
+from fedqsn_flwr.app.config import ConfigError, validate
+from fedqsn_flwr.app.models import DIGITS_SPEC, build_model
+from fedqsn_flwr.app.server import build_strategy, feedback_gradient_fn, train_config
+from fedqsn_flwr.app.sources import data_key
+from fedqsn_flwr.app.splits import ServerData, Split, load_server_data
+from fedqsn_flwr.core.feedback import ClientFeedback, feedback_direction, hidden_slices
+from fedqsn_flwr.core.masking import draw_client_mask, draw_server_mask, policy_for_model
+from fedqsn_flwr.core.secret import from_text
+from fedqsn_flwr.flower.protocol import (
     FEEDBACK_RECORD,
+    METRICS_RECORD,
+)
+from fedqsn_flwr.flower.proxy import (
     InvalidUpdate,
     decode_feedback,
     decode_proxy,
@@ -22,9 +27,6 @@ from fedqsn_flwr.proxy import (
     encode_proxy,
     hidden_units,
 )
-from fedqsn_flwr.secret import from_text
-from fedqsn_flwr.server import build_strategy, feedback_gradient_fn, train_config
-from fedqsn_flwr.strategy import METRICS_RECORD
 from tests.helpers import LocalGrid
 
 SECRET = from_text("feedback tests")

@@ -10,11 +10,11 @@ SCRIPT = textwrap.dedent(
     import numpy as np, torch
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
-    from fedqsn_flwr.client import handle_train
-    from fedqsn_flwr.config import DEFAULTS, validate
-    from fedqsn_flwr.masking import draw_client_mask, draw_server_mask, policy_for_model
-    from fedqsn_flwr.models import build_model
-    from fedqsn_flwr.proxy import LAYOUT_RECORD, PROXY_RECORD, encode_proxy
+    from fedqsn_flwr.app.client import handle_train
+    from fedqsn_flwr.app.config import DEFAULTS, validate
+    from fedqsn_flwr.core.masking import draw_client_mask, draw_server_mask, policy_for_model
+    from fedqsn_flwr.app.models import build_model
+    from fedqsn_flwr.flower.proxy import LAYOUT_RECORD, PROXY_RECORD, encode_proxy
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     config = validate({**DEFAULTS, "local-epochs": 1, "seed": 7})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedqsn_flwr.results import read_metrics
+from fedqsn_flwr.app.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORT = 39091

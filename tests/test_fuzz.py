@@ -18,13 +18,15 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedqsn_flwr.aggregation import ClientUpdate, apply_updates
-from fedqsn_flwr.config import validate
-from fedqsn_flwr.masking import unit_scale
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.proxy import UPDATE_RECORD
-from fedqsn_flwr.server import build_strategy, train_config
-from fedqsn_flwr.strategy import METRICS_RECORD
+from fedqsn_flwr.app.config import validate
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.server import build_strategy, train_config
+from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.core.masking import unit_scale
+from fedqsn_flwr.flower.protocol import (
+    METRICS_RECORD,
+    UPDATE_RECORD,
+)
 from tests.helpers import TEST_SECRET, LocalGrid
 
 ROUNDS = 500  # mutated rounds; 3 replies each, at least one mutated per round

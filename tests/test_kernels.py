@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedqsn_flwr import kernels
-from fedqsn_flwr.quantization import (
+from fedqsn_flwr.core import kernels
+from fedqsn_flwr.core.quantization import (
     _midpoints,
     dequantize,
     dequantize_into_units,

@@ -8,7 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from fedqsn_flwr.launch import (
+from fedqsn_flwr.app.results import read_metrics
+from fedqsn_flwr.experiments.launch import (
     LocalFederation,
     _tool,
     _with_min_nodes,
@@ -16,7 +17,6 @@ from fedqsn_flwr.launch import (
     submit,
     write_node_key,
 )
-from fedqsn_flwr.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_partition_id_out_of_range_is_a_clear_error():
     import pytest
     from flwr.app import Context, RecordDict
 
-    from fedqsn_flwr.client import NodeConfigError, partition_of
+    from fedqsn_flwr.app.client import NodeConfigError, partition_of
 
     context = Context(
         run_id=1,
@@ -164,7 +164,7 @@ def test_launcher_stops_everything_when_terminated(tmp_path):
         [
             sys.executable,
             "-m",
-            "fedqsn_flwr.launch",
+            "fedqsn_flwr.experiments.launch",
             "--nodes",
             "2",
             "--logs",

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fedqsn_flwr.masking import (
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.core.masking import (
     MaskPolicy,
     apply_mask,
     derive_seed,
@@ -10,7 +11,6 @@ from fedqsn_flwr.masking import (
     num_hidden,
     policy_for_model,
 )
-from fedqsn_flwr.models import build_model
 
 
 def _policy():

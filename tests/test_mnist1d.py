@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedqsn_flwr.config import DEFAULTS, validate
-from fedqsn_flwr.data import input_spec, load_client_data, load_pool, load_server_data
-from fedqsn_flwr.datasets import DataError, DataKey, data_key, generate_mnist1d
-from fedqsn_flwr.masking import policy_for_model
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.secret import from_text
+from fedqsn_flwr.app.config import DEFAULTS, validate
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.sources import DataError, DataKey, data_key, generate_mnist1d
+from fedqsn_flwr.app.splits import input_spec, load_client_data, load_pool, load_server_data
+from fedqsn_flwr.core.masking import policy_for_model
+from fedqsn_flwr.core.secret import from_text
 
 
 def _key(**kw):

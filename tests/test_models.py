@@ -3,10 +3,15 @@
 import pytest
 import torch
 
-from fedqsn_flwr.aggregation import ClientUpdate, apply_updates
-from fedqsn_flwr.masking import derive_seed, draw_client_mask, draw_server_mask, policy_for_model
-from fedqsn_flwr.models import InputSpec, build_model
-from fedqsn_flwr.proxy import decode_proxy, decode_update, encode_proxy, encode_update
+from fedqsn_flwr.app.models import InputSpec, build_model
+from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.core.masking import (
+    derive_seed,
+    draw_client_mask,
+    draw_server_mask,
+    policy_for_model,
+)
+from fedqsn_flwr.flower.proxy import decode_proxy, decode_update, encode_proxy, encode_update
 
 MNIST = InputSpec("image", (1, 28, 28), 10)
 CIFAR = InputSpec("image", (3, 32, 32), 10)

@@ -5,11 +5,18 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedqsn_flwr.masking import policy_for_model
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.privacy import SimilarityReference, to_global_units
-from fedqsn_flwr.proxy import LAYOUT_RECORD, PROXY_RECORD, decode_proxy, message_units
-from fedqsn_flwr.strategy import FedQSN, message_bytes
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.core.masking import policy_for_model
+from fedqsn_flwr.flower.privacy import SimilarityReference, to_global_units
+from fedqsn_flwr.flower.protocol import (
+    LAYOUT_RECORD,
+    PROXY_RECORD,
+)
+from fedqsn_flwr.flower.proxy import (
+    decode_proxy,
+    message_units,
+)
+from fedqsn_flwr.flower.strategies import FedQSN, message_bytes
 from tests.helpers import TEST_SECRET, LocalGrid
 
 MARK = 1.0e4  # hidden weights are planted far outside the visible range
@@ -40,6 +47,7 @@ def _cnn_and_strategy(bits, **fedavg_kwargs):
         block_size=64,
         seed=3,
         server_secret=TEST_SECRET,
+        privacy_metrics=True,
         min_train_nodes=4,
         min_available_nodes=4,
         **fedavg_kwargs,
@@ -98,10 +106,10 @@ def test_hidden_units_of_the_global_model_never_move(base_config):
     model = build_model("cnn")
     strategy = FedQSN(
         policy_for_model(model),
-        0.3,
-        0.2,
-        4,
-        64,
+        server_mask_ratio=0.3,
+        client_mask_ratio=0.2,
+        bit_width=4,
+        block_size=64,
         seed=3,
         server_secret=TEST_SECRET,
         fraction_evaluate=0.0,

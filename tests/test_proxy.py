@@ -3,15 +3,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedqsn_flwr.masking import (
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.core.masking import (
     apply_mask,
     derive_seed,
     draw_client_mask,
     draw_server_mask,
     policy_for_model,
 )
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.proxy import (
+from fedqsn_flwr.core.quantization import dequantize, normal_float_codebook, quantize
+from fedqsn_flwr.flower.proxy import (
     InvalidUpdate,
     array_values,
     compact_scales,
@@ -20,7 +21,6 @@ from fedqsn_flwr.proxy import (
     encode_proxy,
     encode_update,
 )
-from fedqsn_flwr.quantization import dequantize, normal_float_codebook, quantize
 
 
 def _setup(p1=0.3, p2=0.2):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedqsn_flwr.quantization import (
+from fedqsn_flwr.core.quantization import (
     dequantize,
     normal_float_codebook,
     num_blocks,

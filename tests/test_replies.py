@@ -9,11 +9,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedqsn_flwr.config import validate
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.proxy import UPDATE_RECORD
-from fedqsn_flwr.server import build_strategy, train_config
-from fedqsn_flwr.strategy import METRICS_RECORD
+from fedqsn_flwr.app.config import validate
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.server import build_strategy, train_config
+from fedqsn_flwr.flower.protocol import (
+    METRICS_RECORD,
+    UPDATE_RECORD,
+)
 from tests.helpers import TEST_SECRET, LocalGrid
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from fedqsn_flwr import server
-from fedqsn_flwr.config import validate
-from fedqsn_flwr.results import RunFolderError, load_checkpoint, read_metrics
-from fedqsn_flwr.server import run_server
+from fedqsn_flwr.app import server
+from fedqsn_flwr.app.config import validate
+from fedqsn_flwr.app.results import RunFolderError, load_checkpoint, read_metrics
+from fedqsn_flwr.app.server import run_server
 from tests.helpers import LocalGrid
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 import yaml
 
-from fedqsn_flwr.config import DEFAULTS, ConfigError, validate
-from fedqsn_flwr.data import load_pool, load_server_data
-from fedqsn_flwr.datasets import DataKey
-from fedqsn_flwr.masking import draw_server_mask, policy_for_model
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.proxy import received_model
-from fedqsn_flwr.results import load_received
-from fedqsn_flwr.secret import (
+from fedqsn_flwr.app.config import DEFAULTS, ConfigError, validate
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.results import load_saved_messages
+from fedqsn_flwr.app.server import build_strategy
+from fedqsn_flwr.app.sources import DataKey
+from fedqsn_flwr.app.splits import load_pool, load_server_data
+from fedqsn_flwr.core.masking import draw_server_mask, policy_for_model
+from fedqsn_flwr.core.secret import (
     SECRET_ENV,
     SECRET_FILE,
     SecretError,
@@ -23,9 +23,9 @@ from fedqsn_flwr.secret import (
     secret_seed,
     store_secret,
 )
-from fedqsn_flwr.server import build_strategy
-from fedqsn_flwr.simulation import simulate
-from fedqsn_flwr.strategy import FedQSN
+from fedqsn_flwr.experiments.simulation import simulate
+from fedqsn_flwr.flower.proxy import received_model
+from fedqsn_flwr.flower.strategies import FedQSN
 
 
 def test_secret_seeds_differ_by_purpose_keys_and_secret():
@@ -77,10 +77,31 @@ def test_server_mask_comes_from_the_secret_not_the_seed():
     model = build_model("cnn")
     policy = policy_for_model(model)
     kwargs = dict(fraction_evaluate=0.0, privacy_metrics=False)
-    one = FedQSN(policy, 0.5, 0.1, seed=3, server_secret=from_text("s"), **kwargs)
-    same = FedQSN(policy, 0.5, 0.1, seed=99, server_secret=from_text("s"), **kwargs)
-    other = FedQSN(policy, 0.5, 0.1, seed=3, server_secret=from_text("t"), **kwargs)
-    fresh = FedQSN(policy, 0.5, 0.1, seed=3, **kwargs)
+    one = FedQSN(
+        policy,
+        server_mask_ratio=0.5,
+        client_mask_ratio=0.1,
+        seed=3,
+        server_secret=from_text("s"),
+        **kwargs,
+    )
+    same = FedQSN(
+        policy,
+        server_mask_ratio=0.5,
+        client_mask_ratio=0.1,
+        seed=99,
+        server_secret=from_text("s"),
+        **kwargs,
+    )
+    other = FedQSN(
+        policy,
+        server_mask_ratio=0.5,
+        client_mask_ratio=0.1,
+        seed=3,
+        server_secret=from_text("t"),
+        **kwargs,
+    )
+    fresh = FedQSN(policy, server_mask_ratio=0.5, client_mask_ratio=0.1, seed=3, **kwargs)
     masks = [one, same, other, fresh]
     equal = [
         all(torch.equal(a.server_mask[n], b.server_mask[n]) for n in a.server_mask)
@@ -136,7 +157,7 @@ def test_a_client_with_everything_it_receives_cannot_rebuild_the_server_mask(tmp
     )
     config = yaml.safe_load((run / "config.yaml").read_text())
     secret = (run / SECRET_FILE).read_bytes()
-    received = load_received(run)
+    received = load_saved_messages(run)
     assert received and config["server-secret-file"] == ""
     # the secret is in no message a client received (raw bytes, as sent)
     files = list((run / "received").rglob("*.pb"))
@@ -160,6 +181,11 @@ def test_a_client_with_everything_it_receives_cannot_rebuild_the_server_mask(tmp
     public = model.state_dict()
     assert not torch.equal(final["fc1.weight"], public["fc1.weight"])
     # the strategy rebuilt with the run's secret has exactly the masks the clients saw
-    strategy = FedQSN(policy, config["server-mask-ratio"], 0.1, server_secret=secret)
+    strategy = FedQSN(
+        policy,
+        server_mask_ratio=config["server-mask-ratio"],
+        client_mask_ratio=0.1,
+        server_secret=secret,
+    )
     for name, units in seen.items():
         assert units <= set(strategy.server_mask[name].tolist())

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fedqsn_flwr.results import METRIC_COLUMNS, read_metrics
-from fedqsn_flwr.simulation import simulate as run_federation
+from fedqsn_flwr.app.results import METRIC_COLUMNS, read_metrics
+from fedqsn_flwr.experiments.simulation import simulate as run_federation
 
 # every measured column but sizes and times
 ACCURACY_COLUMNS = [c for c in METRIC_COLUMNS if not c.startswith("bytes") and "seconds" not in c]

@@ -3,11 +3,13 @@
 import torch
 from flwr.app import ArrayRecord
 
-from fedqsn_flwr.config import validate
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.proxy import PROXY_RECORD
-from fedqsn_flwr.server import build_strategy, train_config
-from fedqsn_flwr.strategy import FedQSN, MeasuredFedAvg
+from fedqsn_flwr.app.config import validate
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.server import build_strategy, train_config
+from fedqsn_flwr.flower.protocol import (
+    PROXY_RECORD,
+)
+from fedqsn_flwr.flower.strategies import FedQSN, MeasuredFedAvg
 from tests.helpers import TEST_SECRET, LocalGrid, run_local
 
 

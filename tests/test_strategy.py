@@ -6,11 +6,18 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedqsn_flwr.aggregation import ClientUpdate, apply_updates
-from fedqsn_flwr.masking import policy_for_model
-from fedqsn_flwr.models import build_model
-from fedqsn_flwr.proxy import UPDATE_RECORD, decode_update, encode_proxy
-from fedqsn_flwr.strategy import METRICS_RECORD, FedQSN
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.core.masking import policy_for_model
+from fedqsn_flwr.flower.protocol import (
+    METRICS_RECORD,
+    UPDATE_RECORD,
+)
+from fedqsn_flwr.flower.proxy import (
+    decode_update,
+    encode_proxy,
+)
+from fedqsn_flwr.flower.strategies import FedQSN
 from tests.helpers import TEST_SECRET, LocalGrid
 
 
@@ -19,10 +26,10 @@ def _strategy(num_nodes, seed=3, secret=TEST_SECRET):
     model = build_model("cnn")
     strategy = FedQSN(
         policy_for_model(model),
-        0.2,
-        0.2,
-        4,
-        64,
+        server_mask_ratio=0.2,
+        client_mask_ratio=0.2,
+        bit_width=4,
+        block_size=64,
         seed=seed,
         server_secret=secret,
         fraction_evaluate=0.0,
@@ -147,10 +154,10 @@ def test_absurd_num_examples_and_outlier_norms_are_rejected(base_config, caplog)
     model = build_model("cnn")
     strategy = FedQSN(
         policy_for_model(model),
-        0.2,
-        0.2,
-        4,
-        64,
+        server_mask_ratio=0.2,
+        client_mask_ratio=0.2,
+        bit_width=4,
+        block_size=64,
         seed=3,
         server_secret=TEST_SECRET,
         fraction_evaluate=0.0,

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from fedqsn_flwr.config import DEFAULTS, ConfigError, validate
-from fedqsn_flwr.results import load_received, read_metrics
-from fedqsn_flwr.server import initial_model, server_data
-from fedqsn_flwr.simulation import simulate
+from fedqsn_flwr.app.config import DEFAULTS, ConfigError, validate
+from fedqsn_flwr.app.results import load_saved_messages, read_metrics
+from fedqsn_flwr.app.server import initial_model, server_data
+from fedqsn_flwr.experiments.simulation import simulate
 from tests.helpers import TEST_SECRET
 
 WORDS = {
@@ -67,7 +67,7 @@ def test_transformer_on_a_text_file_in_a_real_simulation(tmp_path):
     assert rows[-1]["global_accuracy"] > rows[0]["global_accuracy"]
     assert not math.isnan(rows[-1]["proxy_accuracy"])
     # what the clients received: masked transformer tensors, hidden units absent
-    received = load_received(run)
+    received = load_saved_messages(run)
     content = next(iter(received.values()))
     layout = content["proxy-layout"]
     assert "tokens.weight" in layout["tensors"] and int(layout["axis/blocks.0.query.weight"]) == 1

@@ -1,0 +1,4 @@
+"""This project's Flower app.
+
+Server and client handlers, config, data, models, training, results.
+"""

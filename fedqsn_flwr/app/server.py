@@ -1,0 +1,344 @@
+"""The server side of a run: starting model, strategy, evaluation, outputs."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import pickle
+import random
+from collections.abc import Mapping
+from dataclasses import replace
+from importlib.metadata import version as _version
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+from torch import nn
+
+from fedqsn_flwr.app.config import ConfigError, output_root
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.results import RunRecorder
+from fedqsn_flwr.app.sources import data_key
+from fedqsn_flwr.app.splits import ServerData, load_server_data
+from fedqsn_flwr.app.training import evaluate_state, loss_gradient, pick_device, train
+from fedqsn_flwr.core.feedback import GradientFn
+from fedqsn_flwr.core.masking import policy_for_model
+from fedqsn_flwr.core.secret import SecretError, resolve_secret, secret_seed, store_secret
+from fedqsn_flwr.flower.strategies import FedQSN, MeasuredFedAvg, MessageSink, StateEvaluateFn
+
+
+def server_data(config: Mapping[str, Any], secret: bytes) -> ServerData:
+    """The server's test set, private pretraining set and client pool."""
+    return load_server_data(
+        data_key(config),
+        config["seed"],
+        config["test-fraction"],
+        config["pretrain-fraction"],
+        secret,
+    )
+
+
+def load_initial_weights(model: nn.Module, path: str) -> None:
+    """Load the server's own weights (a ``torch.save``d state dict) into ``model``."""
+    file = Path(path).expanduser()
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"config key 'initial-model': cannot load '{file}': {err}") from err
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"config key 'initial-model': '{file}' does not hold a state dict")
+    try:
+        model.load_state_dict(dict(state))
+    except RuntimeError as err:
+        raise ConfigError(
+            f"config key 'initial-model': '{file}' does not fit model '{type(model).__name__}': "
+            f"{str(err).splitlines()[0]} ..."
+        ) from err
+    log(INFO, "Loaded the server's initial weights from %s", file)
+
+
+def initial_model(
+    config: Mapping[str, Any], data: ServerData, secret: bytes, pretrain: bool = True
+) -> nn.Module:
+    """The server's starting model: secret-seeded init or ``initial-model``, then pretraining.
+
+    Initialisation and the pretraining order derive from the server ``secret``,
+    so no client can redo the server's pretraining from the run config. With
+    ``pretrain`` False (a resumed run, whose weights come from its checkpoint)
+    only the architecture is built.
+    """
+    model = build_model(
+        config["model"], config["dropout"], seed=secret_seed(secret, "init"), spec=data.spec
+    )
+    if config.get("initial-model"):
+        load_initial_weights(model, config["initial-model"])
+    model.to(pick_device(config["device"]))
+    if not pretrain:
+        return model
+    cache = _pretrained_path(config, secret)
+    if config["pretrain-epochs"] > 0 and len(data.pretrain) > 0 and cache is not None:
+        if cache.exists():
+            state = torch.load(cache, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+            log(INFO, "Pretrained starting model taken from the cache %s", cache)
+            return model
+    if config["pretrain-epochs"] > 0 and len(data.pretrain) > 0:
+        loss = train(
+            model,
+            data.pretrain,
+            epochs=config["pretrain-epochs"],
+            learning_rate=config["learning-rate"],
+            batch_size=config["batch-size"],
+            seed=secret_seed(secret, "pretrain"),
+        )
+        log(
+            INFO,
+            "Pretrained the starting model on %d private examples (loss %.4f)",
+            len(data.pretrain),
+            loss,
+        )
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = cache.with_suffix(".tmp")
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, cache)
+    return model
+
+
+#: Config keys that decide the pretrained starting model (with the secret).
+_PRETRAIN_KEYS = (
+    "dataset",
+    "data-dir",
+    "vocab-size",
+    "max-length",
+    "mnist1d-server-examples",
+    "mnist1d-test-examples",
+    "mnist1d-client-shear",
+    "model",
+    "dropout",
+    "initial-model",
+    "pretrain-epochs",
+    "pretrain-fraction",
+    "test-fraction",
+    "learning-rate",
+    "batch-size",
+    "seed",
+    "device",
+)
+
+
+def _pretrained_path(config: Mapping[str, Any], secret: bytes) -> Path | None:
+    """Where ``pretrain-cache`` keeps this run's pretrained model (None: off).
+
+    Named by a hash of the secret and everything that decides the pretrained
+    weights (and the library and torch versions), so runs of a comparison that
+    share a seed's secret pretrain once; the folder is the server's own
+    (``<output-dir>/.pretrained``, mode 0700).
+    """
+    if not config["pretrain-cache"] or config.get("initial-model"):
+        return None
+    described = json.dumps(
+        {
+            "keys": {k: config[k] for k in _PRETRAIN_KEYS},
+            "fedqsn-flwr": _version("fedqsn-flwr"),
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(secret + described.encode()).hexdigest()[:32]
+    return output_root(config) / ".pretrained" / f"{digest}.pt"
+
+
+def feedback_gradient_fn(
+    config: Mapping[str, Any], model: nn.Module, data: ServerData, secret: bytes
+) -> GradientFn:
+    """The mean loss gradient on ``feedback-examples`` of the server's pretraining data."""
+    if len(data.pretrain) == 0:
+        raise ConfigError(
+            "config key 'hidden-feedback' needs data of the server's own, and this run has no "
+            "pretraining set (pretrain-fraction = 0 or a partition loader without server data)"
+        )
+    count = min(config["feedback-examples"], len(data.pretrain))
+    rows = np.random.default_rng(secret_seed(secret, "feedback")).permutation(len(data.pretrain))
+    sample = data.pretrain.subset(np.sort(rows[:count]))
+    scratch = copy.deepcopy(model)
+
+    def gradient(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return loss_gradient(scratch, state, sample)
+
+    return gradient
+
+
+def build_strategy(
+    config: Mapping[str, Any],
+    model: nn.Module,
+    proxy_evaluate_fn: StateEvaluateFn | None,
+    message_sink: MessageSink | None = None,
+    server_secret: bytes | None = None,
+    gradient_fn: GradientFn | None = None,
+) -> MeasuredFedAvg:
+    """The strategy named by ``config['strategy']``.
+
+    ``fedqsn``: masks and quantization; ``fedsn``: masks, float32 proxies;
+    ``fedq``: the whole model quantized, no masks (FedLPP-style, without LoRA);
+    ``fedavg``: Flower's FedAvg; ``fedprox``: FedAvg on the server, FedProx's
+    proximal term (``proximal-mu``) in client training. ``server_secret``
+    (default: fresh random bytes) keys the masks; ``gradient_fn`` is needed with
+    ``hidden-feedback``.
+    """
+    common: dict[str, Any] = {
+        "fraction_train": config["fraction-train"],
+        "fraction_evaluate": config["fraction-evaluate"],
+        "min_train_nodes": config["min-nodes"],
+        "min_evaluate_nodes": config["min-nodes"] if config["fraction-evaluate"] > 0 else 0,
+        "min_available_nodes": config["min-nodes"],
+        "proxy_evaluate_fn": proxy_evaluate_fn,
+        "message_sink": message_sink,
+        "max_num_examples": config["max-num-examples"],
+        "max_update_norm_ratio": config["max-update-norm-ratio"] or math.inf,
+    }
+    if config["hidden-feedback"] and config["strategy"] not in ("fedsn", "fedqsn"):
+        raise ConfigError(
+            "config key 'hidden-feedback' needs a server mask: strategy fedsn or fedqsn, "
+            f"not {config['strategy']}"
+        )
+    if config["strategy"] in ("fedavg", "fedprox"):
+        return MeasuredFedAvg(seed=config["seed"], **common)
+    policy = policy_for_model(model, mask_input_layer=config["mask-input-layer"])
+    masked = config["strategy"] in ("fedqsn", "fedsn")
+    if not masked:
+        policy = replace(policy, unit_axes={}, unit_counts={})
+    return FedQSN(
+        policy=policy,
+        server_mask_ratio=config["server-mask-ratio"] if masked else 0.0,
+        client_mask_ratio=config["client-mask-ratio"] if masked else 0.0,
+        bit_width=config["bit-width"] if config["strategy"] in ("fedqsn", "fedq") else None,
+        block_size=config["block-size"],
+        seed=config["seed"],
+        update_bit_width=config["update-bit-width"],
+        device=pick_device(config["device"]),
+        privacy_metrics=True,
+        server_secret=server_secret,
+        hidden_feedback=config["hidden-feedback"],
+        feedback_gradient_fn=gradient_fn,
+        feedback_step=config["feedback-step"],
+        **common,
+    )
+
+
+def train_config(config: Mapping[str, Any]) -> ConfigRecord:
+    """What every training message tells the client."""
+    record = ConfigRecord(
+        {
+            "local-epochs": config["local-epochs"],
+            "learning-rate": config["learning-rate"],
+            "batch-size": config["batch-size"],
+        }
+    )
+    if config["strategy"] == "fedprox":
+        record["proximal-mu"] = config["proximal-mu"]
+    if config["hidden-feedback"]:
+        record["hidden-feedback"] = True
+    return record
+
+
+def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
+    """Run one federation with a validated ``config``; return its recorder."""
+    random.seed(config["seed"])
+    recorder = RunRecorder(config)
+    log(INFO, "Writing results to %s", recorder.directory)
+    try:
+        secret, source = resolve_secret(config, recorder.directory, recorder.checkpoint is not None)
+    except SecretError as err:
+        raise ConfigError(str(err)) from err
+    store_secret(recorder.directory, secret)
+    log(INFO, "Server secret: from %s (kept in the run folder only)", source)
+    data = server_data(config, secret)
+    # a resumed run takes its weights from the checkpoint: no second pretraining
+    model = initial_model(config, data, secret, pretrain=recorder.checkpoint is None)
+
+    def proxy_accuracy(state: Mapping[str, torch.Tensor]) -> float:
+        return evaluate_state(model, state, data.test)[1]
+
+    sink = recorder.save_received if config["save-messages"] else None
+    if config["hidden-feedback"] and config["strategy"] in ("fedsn", "fedqsn"):
+        gradient_fn = feedback_gradient_fn(config, model, data, secret)
+    else:
+        gradient_fn = None
+    strategy = build_strategy(config, model, proxy_accuracy, sink, secret, gradient_fn)
+    initial = ArrayRecord(model.state_dict())
+    if recorder.checkpoint is not None:
+        checkpoint = recorder.checkpoint
+        initial = ArrayRecord(checkpoint["global"])
+        strategy.restore(checkpoint["strategy"], checkpoint["global"])
+        strategy.completed_rounds = int(checkpoint["round"])
+        log(INFO, "Resuming from %s after round %d", recorder.checkpoint_path, checkpoint["round"])
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        global_loss, global_accuracy = evaluate_state(
+            model, arrays.to_torch_state_dict(), data.test
+        )
+        server_accuracy = global_accuracy
+        if isinstance(strategy, FedQSN):
+            server_accuracy = evaluate_state(model, strategy.server_model(arrays), data.test)[1]
+        row = recorder.add_round(
+            {
+                **strategy.round_log.get(server_round, {}),
+                "round": server_round,
+                "global_accuracy": global_accuracy,
+                "global_loss": global_loss,
+                "server_accuracy": server_accuracy,
+            }
+        )
+        recorder.save_checkpoint(
+            server_round, arrays.to_torch_state_dict(), strategy.checkpoint_state()
+        )
+        log(
+            INFO,
+            "%s seed %d round %d/%d: global %.4f | server %.4f | proxy %.4f"
+            " | down %.0f B | up %.0f B",
+            config["strategy"],
+            config["seed"],
+            server_round,
+            config["num-server-rounds"],
+            row["global_accuracy"],
+            row["server_accuracy"],
+            row["proxy_accuracy"],
+            row["bytes_down"],
+            row["bytes_up"],
+        )
+        return MetricRecord(
+            {"global-accuracy": global_accuracy, "server-accuracy": server_accuracy}
+        )
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=config["num-server-rounds"],
+        timeout=config["round-timeout"],
+        train_config=train_config(config),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=evaluate,
+    )
+    final = result.arrays if len(result.arrays) else initial
+    recorder.save_model(final.to_torch_state_dict())
+    recorder.write_messages(strategy.message_log)
+    recorder.write_federation(strategy.num_partitions, sorted(set(strategy.partition_ids.values())))
+    print(
+        f"\nfedqsn-flwr: {config['strategy']} finished {config['num-server-rounds']} rounds "
+        f"(seed {config['seed']})\n{recorder.summary_table()}\n"
+        f"Results written to {recorder.directory}",
+        flush=True,
+    )
+    return recorder

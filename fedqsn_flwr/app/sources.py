@@ -1,0 +1,474 @@
+"""Where the examples come from: the ``dataset`` and ``data-dir`` config keys.
+
+Every source yields :class:`RawData`: training examples, the data set's own test
+split when it has one, and the :class:`~fedqsn_flwr.app.models.InputSpec` models are
+built for. :mod:`fedqsn_flwr.app.splits` then splits and partitions it.
+
+* ``digits`` -- scikit-learn's handwritten digits (ships with scikit-learn; the
+  default, nothing to download).
+* ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` -- with ``data-dir``
+  empty, through flwr-datasets' ``FederatedDataset`` from the Hugging Face Hub
+  (needs network the first time; then the Hugging Face cache); with ``data-dir``
+  set, through torchvision's dataset classes from that folder, offline
+  (``download=False``; layouts in the README).
+* ``ag-news``, ``sst2`` -- text classification through ``FederatedDataset``.
+* ``text`` -- a local ``train.csv`` or ``train.jsonl`` (``text``, ``label``
+  columns; optional ``test.csv``/``test.jsonl``) in ``data-dir``.
+* ``mnist1d`` -- MNIST-1D (Greydanus, 2020), generated procedurally by the
+  ``mnist1d`` package: no file, no network. Unlike every other data set, the
+  server's and the clients' examples come from two generators (see
+  :func:`generate_mnist1d`): the server's pretraining set from the package's
+  default one, the clients' pool and the test set from one whose
+  ``shear_scale`` is ``mnist1d-client-shear`` (1.25: a shift the server's data
+  does not cover; 0.75 is the default generator: no shift).
+* ``package.module:loader`` -- your own: a callable taking keyword arguments
+  ``data_dir`` and ``seed`` and returning :class:`RawData`, an ``(x, y)`` pair or
+  an ``(x_train, y_train, x_test, y_test)`` tuple of tensors. If it also takes
+  ``partition_id`` (and ``num_partitions``), it is a *partition loader*: called
+  with ``partition_id=None`` it returns the server's data (its test split is the
+  server's test set, its training examples the pretraining pool); called with a
+  partition id, that client's own ``(x, y)`` -- so every SuperNode can load its
+  own data from its own ``data-dir``, and nothing is partitioned here.
+
+Text is tokenized with :func:`tokenize`: lower-cased words hashed into
+``vocab-size`` buckets (id 0 is padding), cut or padded to ``max-length`` -- no
+vocabulary file, nothing to download, and every party gets the same ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedqsn_flwr.app.models import InputSpec
+
+IMAGE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
+TEXT_DATASETS = ("ag-news", "sst2")
+DATASETS = ("digits", "mnist1d", *IMAGE_DATASETS, *TEXT_DATASETS, "text")
+#: MNIST-1D's signals: 1 channel of 40 values, 10 classes.
+MNIST1D_LENGTH = 40
+
+#: Hugging Face dataset ids used through flwr-datasets, and their columns.
+HF_DATASETS: dict[str, dict[str, str]] = {
+    "mnist": {"id": "ylecun/mnist", "x": "image", "y": "label", "test": "test"},
+    "fashion-mnist": {
+        "id": "zalando-datasets/fashion_mnist",
+        "x": "image",
+        "y": "label",
+        "test": "test",
+    },
+    "cifar10": {"id": "uoft-cs/cifar10", "x": "img", "y": "label", "test": "test"},
+    "cifar100": {"id": "uoft-cs/cifar100", "x": "img", "y": "fine_label", "test": "test"},
+    "ag-news": {"id": "fancyzhx/ag_news", "x": "text", "y": "label", "test": "test"},
+    # SST-2's own test split is unlabeled; its validation split is the usual test set.
+    "sst2": {"id": "stanfordnlp/sst2", "x": "sentence", "y": "label", "test": "validation"},
+}
+
+#: Mean and standard deviation of all digits pixels (scaled to [0, 1]).
+DIGITS_MEAN, DIGITS_STD = 0.3054, 0.3762
+
+
+class DataError(ValueError):
+    """A data set that cannot be loaded (the message says what to do)."""
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """Everything that decides which examples a run uses (hashable, for caching)."""
+
+    dataset: str
+    data_dir: str = ""
+    vocab_size: int = 8192
+    max_length: int = 64
+    mnist1d_server_examples: int = 20_000
+    mnist1d_client_examples: int = 125
+    mnist1d_test_examples: int = 4_000
+    mnist1d_client_shear: float = 1.25
+    trust_data_dir: bool = False
+
+
+@dataclass(frozen=True)
+class RawData:
+    """A data set before splitting.
+
+    Parameters
+    ----------
+    train_x, train_y : torch.Tensor
+        Inputs (float features, uint8 images (N, C, H, W), or int64 token ids
+        (N, T)) and int64 labels.
+    test_x, test_y : torch.Tensor | None
+        The data set's own test split, if it has one.
+    spec : InputSpec
+        Input shape and number of classes.
+
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor | None
+    test_y: torch.Tensor | None
+    spec: InputSpec
+
+
+def data_key(config: dict[str, Any] | Any) -> DataKey:
+    """The :class:`DataKey` of a run config."""
+    return DataKey(
+        dataset=str(config["dataset"]),
+        data_dir=str(config.get("data-dir", "")),
+        vocab_size=int(config.get("vocab-size", 8192)),
+        max_length=int(config.get("max-length", 64)),
+        mnist1d_server_examples=int(config.get("mnist1d-server-examples", 20_000)),
+        mnist1d_client_examples=int(config.get("mnist1d-client-examples", 125)),
+        mnist1d_test_examples=int(config.get("mnist1d-test-examples", 4_000)),
+        mnist1d_client_shear=float(config.get("mnist1d-client-shear", 1.25)),
+        trust_data_dir=bool(config.get("trust-data-dir", False)),
+    )
+
+
+def needs_hub(key: DataKey) -> bool:
+    """Whether ``key`` is loaded from the Hugging Face Hub (network or its cache)."""
+    return key.dataset in HF_DATASETS and not key.data_dir
+
+
+# -- text ------------------------------------------------------------------------
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def tokenize(texts: Sequence[str], vocab_size: int, max_length: int) -> torch.Tensor:
+    """Token ids (N, max_length): words hashed (CRC-32) into ``1..vocab_size-1``, 0 = padding."""
+    if vocab_size < 2:
+        raise DataError(f"vocab-size must be at least 2, got {vocab_size}")
+    ids = np.zeros((len(texts), max_length), dtype=np.int64)
+    for row, text in enumerate(texts):
+        words = _WORD.findall(str(text).lower())[:max_length]
+        ids[row, : len(words)] = [1 + zlib.crc32(w.encode()) % (vocab_size - 1) for w in words]
+    return torch.from_numpy(ids)
+
+
+def _label_ids(labels: Sequence[Any], mapping: dict[str, int]) -> torch.Tensor:
+    return torch.tensor([mapping[str(label)] for label in labels], dtype=torch.long)
+
+
+def _label_map(labels: Sequence[Any]) -> dict[str, int]:
+    """Integer labels keep their value; other labels are numbered in sorted order."""
+    names = sorted({str(label) for label in labels})
+    if all(re.fullmatch(r"\d+", n) for n in names):
+        return {n: int(n) for n in names}
+    return {n: i for i, n in enumerate(names)}
+
+
+def _read_table(path: Path) -> tuple[list[str], list[Any]]:
+    texts: list[str] = []
+    labels: list[Any] = []
+    try:
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                for row in csv.DictReader(handle):
+                    texts.append(row["text"])
+                    labels.append(row["label"])
+        else:
+            with path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        record = json.loads(line)
+                        texts.append(record["text"])
+                        labels.append(record["label"])
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{path} needs 'text' and 'label' in every row (missing {err})") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    if not texts:
+        raise DataError(f"{path} holds no examples")
+    return texts, labels
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for suffix in (".csv", ".jsonl"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+def _text_data(
+    train: tuple[list[str], list[Any]], test: tuple[list[str], list[Any]] | None, key: DataKey
+) -> RawData:
+    mapping = _label_map(train[1] + (test[1] if test else []))
+    train_x = tokenize(train[0], key.vocab_size, key.max_length)
+    test_x = tokenize(test[0], key.vocab_size, key.max_length) if test else None
+    return RawData(
+        train_x=train_x,
+        train_y=_label_ids(train[1], mapping),
+        test_x=test_x,
+        test_y=_label_ids(test[1], mapping) if test else None,
+        spec=InputSpec("text", (key.max_length,), max(mapping.values()) + 1, key.vocab_size),
+    )
+
+
+def load_text_files(key: DataKey) -> RawData:
+    """``train.csv``/``train.jsonl`` (and optional ``test.*``) from ``key.data_dir``."""
+    folder = Path(key.data_dir).expanduser()
+    train = _find(folder, "train")
+    if not key.data_dir or train is None:
+        raise DataError(
+            f"dataset 'text' needs data-dir with train.csv or train.jsonl (columns text, label); "
+            f"looked in '{folder}'"
+        )
+    test = _find(folder, "test")
+    return _text_data(_read_table(train), _read_table(test) if test else None, key)
+
+
+# -- images -----------------------------------------------------------------------
+
+
+def _torchvision_cifar(name: str, trust: bool) -> type:
+    """Torchvision's CIFAR reader: checksums checked, or (``trust``) files only.
+
+    CIFAR's "python version" files are pickles, and unpickling runs code: by
+    default torchvision's MD5 check of the official files comes first, so only
+    those are ever unpickled. ``trust-data-dir`` skips it, for a folder you made
+    or converted yourself (and trust like your own code).
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    base = CIFAR10 if name == "cifar10" else CIFAR100
+    if not trust:
+        return base
+
+    class LocalCIFAR(base):  # type: ignore[misc, valid-type]
+        """torchvision's CIFAR reader; files must exist, checksums are not required.
+
+        torchvision checks the MD5 of the official archive's files; a copy
+        converted or cut down by the user (or a test's tiny file) has others.
+        """
+
+        meta = {**base.meta, "md5": None}  # None: torchvision checks existence only
+
+        def _check_integrity(self) -> bool:
+            folder = Path(self.root) / self.base_folder
+            return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    return LocalCIFAR
+
+
+def load_torchvision(key: DataKey) -> RawData:
+    """MNIST, Fashion-MNIST, CIFAR-10/100 from ``key.data_dir`` with torchvision, offline."""
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    root = str(Path(key.data_dir).expanduser())
+    classes: dict[str, Any] = {
+        "mnist": MNIST,
+        "fashion-mnist": FashionMNIST,
+        "cifar10": None,
+        "cifar100": None,
+    }
+    reader = classes[key.dataset] or _torchvision_cifar(key.dataset, key.trust_data_dir)
+    try:
+        train = reader(root, train=True, download=False)
+        test = reader(root, train=False, download=False)
+    except RuntimeError as err:
+        checksums = (
+            "; CIFAR files must match torchvision's checksums unless you set "
+            "trust-data-dir = true (the files are pickles: only for a folder you trust)"
+            if key.dataset.startswith("cifar") and not key.trust_data_dir
+            else ""
+        )
+        raise DataError(
+            f"dataset '{key.dataset}' not found under data-dir '{root}' ({err}); "
+            f"see the README for the folder layout torchvision expects{checksums}"
+        ) from err
+
+    def images(ds: Any) -> torch.Tensor:
+        data = torch.as_tensor(np.asarray(ds.data))
+        # MNIST-style (N, H, W) grey, CIFAR (N, H, W, C) colour -> (N, C, H, W)
+        return data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2).contiguous()
+
+    def labels(ds: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+
+    train_x, test_x = images(train), images(test)
+    num_classes = 100 if key.dataset == "cifar100" else 10
+    return RawData(
+        train_x.to(torch.uint8),
+        labels(train),
+        test_x.to(torch.uint8),
+        labels(test),
+        InputSpec("image", tuple(train_x.shape[1:]), num_classes),
+    )
+
+
+def _pil_to_array(image: Any) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def load_flwr_datasets(key: DataKey) -> RawData:
+    """A Hugging Face data set through flwr-datasets' ``FederatedDataset``."""
+    from flwr_datasets import FederatedDataset
+
+    info = HF_DATASETS[key.dataset]
+    try:
+        # Our own seeded split follows; keep the data set's order here.
+        dataset = FederatedDataset(dataset=info["id"], partitioners={"train": 1}, shuffle=False)
+        train = dataset.load_split("train")
+        test = dataset.load_split(info["test"])
+    except Exception as err:  # network, cache, or format problems all end here
+        raise DataError(
+            f"cannot load '{key.dataset}' ({info['id']}) through flwr-datasets: {err}. "
+            "Offline, set data-dir to a local copy (images: torchvision layout; text: "
+            "dataset = 'text' with train.csv/jsonl)"
+        ) from err
+    if key.dataset in TEXT_DATASETS:
+        return _text_data(
+            (list(train[info["x"]]), list(train[info["y"]])),
+            (list(test[info["x"]]), list(test[info["y"]])),
+            key,
+        )
+
+    def images(split: Any) -> torch.Tensor:
+        return torch.from_numpy(np.stack([_pil_to_array(im) for im in split[info["x"]]]))
+
+    train_x, test_x = images(train), images(test)
+    train_y = torch.tensor(train[info["y"]], dtype=torch.long)
+    test_y = torch.tensor(test[info["y"]], dtype=torch.long)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    return RawData(
+        train_x, train_y, test_x, test_y, InputSpec("image", tuple(train_x.shape[1:]), num_classes)
+    )
+
+
+def load_digits_data() -> RawData:
+    """scikit-learn's digits, standardized float32 (N, 1, 8, 8)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor((digits.images / 16.0 - DIGITS_MEAN) / DIGITS_STD, dtype=torch.float32)
+    return RawData(
+        x.unsqueeze(1),
+        torch.tensor(digits.target, dtype=torch.long),
+        None,
+        None,
+        InputSpec("image", (1, 8, 8), 10),
+    )
+
+
+def generate_mnist1d(num_examples: int, seed: int, shear_scale: float = 0.75) -> RawData:
+    """``num_examples`` MNIST-1D signals (N, 1, 40) from ``mnist1d.data.make_dataset``.
+
+    Offline: ``make_dataset`` generates (``get_dataset`` would try a download, so
+    it is never called). It reseeds numpy's and Python's global generators; their
+    states are put back afterwards. Each generated set is standardised with its
+    own statistics, as the package does. ``shear_scale`` 0.75 is the package's
+    default generator.
+    """
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise DataError(
+            "dataset 'mnist1d' needs the mnist1d package (pip install mnist1d)"
+        ) from err
+    if num_examples < 10:
+        raise DataError(f"MNIST-1D needs at least 10 examples (one per class), got {num_examples}")
+    args = get_dataset_args()
+    args.num_samples = int(num_examples)
+    args.train_split = 1.0
+    args.shear_scale = float(shear_scale)
+    args.seed = int(seed) % 2**32
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        generated = make_dataset(args)
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    x = torch.tensor(generated["x"], dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(generated["y"], dtype=torch.long)
+    return RawData(x, y, None, None, InputSpec("signal", (1, MNIST1D_LENGTH), 10))
+
+
+def _user_loader(key: DataKey) -> Any:
+    from fedqsn_flwr.app.models import load_factory
+
+    try:
+        return load_factory(key.dataset)
+    except ValueError as err:
+        raise DataError(str(err).replace("model", "dataset")) from err
+
+
+def is_partition_loader(key: DataKey) -> bool:
+    """Whether ``key`` names a user loader that returns one client's partition."""
+    if ":" not in key.dataset:
+        return False
+    return "partition_id" in inspect.signature(_user_loader(key)).parameters
+
+
+def load_user_partition(
+    key: DataKey, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One client's ``(x, y)`` from a partition loader (see the module docstring)."""
+    loader = _user_loader(key)
+    kwargs: dict[str, Any] = {"data_dir": key.data_dir, "seed": 0, "partition_id": partition_id}
+    if "num_partitions" in inspect.signature(loader).parameters:
+        kwargs["num_partitions"] = num_partitions
+    result = loader(**kwargs)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise DataError(
+            f"partition loader '{key.dataset}' must return (x, y) for partition "
+            f"{partition_id}; got {type(result).__name__}"
+        )
+    return torch.as_tensor(result[0]), torch.as_tensor(result[1]).long()
+
+
+def _from_user(key: DataKey) -> RawData:
+    loader = _user_loader(key)
+    kwargs: dict[str, Any] = {"data_dir": key.data_dir, "seed": 0}
+    if "partition_id" in inspect.signature(loader).parameters:
+        kwargs["partition_id"] = None  # the server's own data
+    result = loader(**kwargs)
+    if isinstance(result, RawData):
+        return result
+    if not isinstance(result, tuple) or len(result) not in (2, 4):
+        raise DataError(
+            f"dataset loader '{key.dataset}' must return RawData, (x, y) or "
+            f"(x_train, y_train, x_test, y_test); got {type(result).__name__}"
+        )
+    tensors = [torch.as_tensor(t) for t in result]
+    train_x, train_y = tensors[0], tensors[1].long()
+    test_x, test_y = (tensors[2], tensors[3].long()) if len(tensors) == 4 else (None, None)
+    labels = train_y if test_y is None else torch.cat([train_y, test_y])
+    num_classes = int(labels.max()) + 1
+    if train_x.dtype == torch.long and train_x.dim() == 2:
+        highest = train_x.max() if test_x is None else max(train_x.max(), test_x.max())
+        vocab = int(highest) + 1
+        spec = InputSpec("text", (train_x.shape[1],), num_classes, vocab)
+    else:
+        spec = InputSpec("image", tuple(train_x.shape[1:]), num_classes)
+    return RawData(train_x, train_y, test_x, test_y, spec)
+
+
+def load_raw(key: DataKey) -> RawData:
+    """The examples ``key`` names (see the module docstring)."""
+    if ":" in key.dataset:
+        return _from_user(key)
+    if key.dataset == "digits":
+        return load_digits_data()
+    if key.dataset == "text":
+        return load_text_files(key)
+    if key.dataset in IMAGE_DATASETS and key.data_dir:
+        return load_torchvision(key)
+    if key.dataset in HF_DATASETS:
+        return load_flwr_datasets(key)
+    raise DataError(
+        f"unknown dataset '{key.dataset}'; allowed: {list(DATASETS)} or 'package.module:loader'"
+    )

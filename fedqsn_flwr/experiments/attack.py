@@ -1,0 +1,365 @@
+"""Attacks on model privacy, run on a finished run's folder.
+
+    python -m fedqsn_flwr.experiments.attack --run ~/fedqsn-outputs/<run-name>
+
+Everything an attacker uses is read from ``<run>/received/``: the training
+messages exactly as clients received them, plus the clients' own data and what
+the run config tells every client. The scorer reads the server's test set (it
+needs the run folder's server secret for that; the attackers never do). Threat
+models -- all evaluated on the server's test set, and every fine-tuning attack
+reports its best epoch *on that test set*, so each accuracy is an upper bound on
+what the attackers could reach and know they reached:
+
+* ``proxy_as_is`` -- an honest-but-curious client keeps the last proxy it got
+  and uses it as a model (best client reported);
+* ``finetune`` -- a client fine-tunes its last proxy on its own training data,
+  every parameter trainable, for ``epochs`` epochs at each learning rate of a
+  small search; the best test accuracy over epochs and rates is reported (best
+  of the first ``max_clients`` clients);
+* ``collusion`` -- all clients pool every proxy of every round (training and
+  evaluation messages) and rebuild the
+  best model they can: for each unit, the latest value any of them saw (unit
+  scaling undone); units never seen are 0. Evaluated as-is and after
+  fine-tuning on their pooled data;
+* ``public_fill`` -- as ``collusion``, but units never seen are filled from a
+  *public initialisation* (the random init anyone can reproduce from the code
+  and the run's public seed). The server's own init derives from its secret, so
+  this no longer hands over its starting values; with ``initial-model`` set to
+  a public checkpoint, an attacker who has that checkpoint could fill the
+  hidden units from it: masking protects only weights the public does not have.
+
+The *data-only* reference (not an attack on the model): the best of the run's
+model and a small CNN for the data (``cnn`` for images, ``cnn1d`` for signals),
+each from a public initialisation, trained on the colluding clients' pooled
+data with the same budget (epochs and learning rates) as the attacks: what they
+reach without any proxy. *Knowledge leakage* = (best attack - data-only) /
+(global - data-only): 0 when the proxies teach the attackers nothing beyond
+their data, 1 when they give the model away. When the global model is at most
+:data:`NO_KNOWLEDGE_MARGIN` above data-only there is no model knowledge to
+protect, and no ratio is reported.
+
+Writes ``<run>/attacks.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.results import load_saved_messages, read_metrics
+from fedqsn_flwr.app.sources import data_key
+from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data
+from fedqsn_flwr.app.training import evaluate, evaluate_state, train
+from fedqsn_flwr.core.masking import derive_seed
+from fedqsn_flwr.core.secret import SECRET_FILE
+from fedqsn_flwr.flower.privacy import to_global_units
+from fedqsn_flwr.flower.proxy import Proxy, received_model
+
+DEFAULT_EPOCHS = 10
+DEFAULT_LEARNING_RATES = (0.005, 0.02, 0.05)
+DEFAULT_MAX_CLIENTS = 3
+#: Below this lead of the global model over data-only, leakage is not reported.
+NO_KNOWLEDGE_MARGIN = 0.02
+#: The small CNN the data-only reference also tries, per input kind.
+SMALL_CNN = {"image": "cnn", "signal": "cnn1d"}
+
+
+def knowledge_leakage(best_attack: float, data_only: float, global_accuracy: float) -> float | None:
+    """(best attack - data-only) / (global - data-only); None with no knowledge to protect."""
+    if global_accuracy <= data_only + NO_KNOWLEDGE_MARGIN:
+        return None
+    return (best_attack - data_only) / (global_accuracy - data_only)
+
+
+def data_only_reference(
+    config: Mapping[str, Any],
+    spec: Any,
+    pooled: Split,
+    test: Split,
+    epochs: int,
+    learning_rates: Sequence[float],
+) -> dict[str, Any]:
+    """The attackers' best without any proxy (see the module docstring)."""
+    architectures = [config["model"]]
+    if (small := SMALL_CNN.get(spec.kind)) and small not in architectures:
+        architectures.append(small)
+    best: dict[str, Any] = {"accuracy": -1.0}
+    tried = {}
+    for name in architectures:
+        model = build_model(name, config["dropout"], seed=config["seed"], spec=spec)
+        public = {k: v.clone() for k, v in model.state_dict().items()}
+        accuracy, rate, epoch = finetune(
+            model,
+            public,
+            pooled,
+            test,
+            epochs,
+            learning_rates,
+            derive_seed("attack-data-only", config["seed"]),
+        )
+        tried[name] = accuracy
+        if accuracy > best["accuracy"]:
+            best = {"accuracy": accuracy, "model": name, "lr": rate, "epoch": epoch}
+    return {**best, "tried": tried}
+
+
+def collude(
+    proxies: Mapping[tuple[Any, ...], Proxy],
+    fill: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Pool proxies into one model in global units; keys sort in round order.
+
+    Returns the model and, per tensor, a boolean tensor of the entries some
+    client saw. Later rounds overwrite earlier ones. Unseen entries hold
+    ``fill`` (or 0).
+    """
+    model: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
+    for key in sorted(proxies):
+        proxy = proxies[key]
+        values = to_global_units(proxy)
+        for name, tensor in values.items():
+            if name not in model:
+                model[name] = torch.zeros_like(tensor)
+                seen[name] = torch.zeros(tensor.shape, dtype=torch.bool)
+            if name not in proxy.unit_axes:
+                model[name] = tensor.clone()
+                seen[name][...] = True
+                continue
+            axis, units = proxy.unit_axes[name], proxy.visible[name]
+            model[name].index_copy_(axis, units, tensor.index_select(axis, units))
+            seen[name].index_fill_(axis, units, True)
+    if fill is not None:
+        for name, tensor in model.items():
+            if name in fill and tensor.is_floating_point():
+                model[name] = torch.where(seen[name], tensor, fill[name].to(tensor.dtype))
+    return model, seen
+
+
+def finetune(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    data: Split,
+    test: Split,
+    epochs: int,
+    learning_rates: Sequence[float],
+    seed: int,
+) -> tuple[float, float, int]:
+    """Best test accuracy of ``state`` fine-tuned on ``data``: (accuracy, rate, epoch).
+
+    Epoch 0 is the model as given, so the result is never below it.
+    """
+    model.load_state_dict(dict(state))
+    best = (evaluate(model, test)[1], 0.0, 0)
+    for rate in learning_rates:
+        model.load_state_dict(dict(state))
+        for epoch in range(1, epochs + 1):
+            train(model, data, 1, rate, 32, seed=derive_seed("attack-epoch", seed, epoch))
+            accuracy = evaluate(model, test)[1]
+            if accuracy > best[0]:
+                best = (accuracy, rate, epoch)
+    return best
+
+
+def _pool(splits: Sequence[Split]) -> Split:
+    return replace(
+        splits[0], x=torch.cat([s.x for s in splits]), y=torch.cat([s.y for s in splits])
+    )
+
+
+def run_attacks(
+    run_dir: Path,
+    epochs: int = DEFAULT_EPOCHS,
+    learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES,
+    max_clients: int | None = DEFAULT_MAX_CLIENTS,
+) -> dict[str, Any]:
+    """Run every attack on a finished run; write and return ``attacks.json``'s content."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    federation = yaml.safe_load((run_dir / "federation.yaml").read_text())
+    received = load_saved_messages(run_dir)
+    if not received:
+        raise FileNotFoundError(
+            f"{run_dir} has no received/ messages; run with save-messages = true"
+        )
+    proxies = {key: received_model(content) for key, content in received.items()}
+    key = data_key(config)
+    # the scorer's view: the server's test set (the attackers use none of it but scores)
+    secret = (run_dir / SECRET_FILE).read_bytes()
+    data = load_server_data(
+        key, config["seed"], config["test-fraction"], config["pretrain-fraction"], secret
+    )
+    model = build_model(config["model"], config["dropout"], spec=data.spec)
+    last: dict[int, Proxy] = {}
+    for (_, kind, partition), proxy in sorted(proxies.items()):
+        if kind == "train":
+            last[partition] = proxy  # sorted by round: the last one wins
+
+    def client_data(partition: int) -> Split:
+        return load_client_data(
+            key,
+            config["seed"],
+            config["test-fraction"],
+            config["pretrain-fraction"],
+            partition,
+            federation["num-partitions"],
+            config["partitioning"],
+            config["dirichlet-alpha"],
+        )[0]
+
+    results: list[dict[str, Any]] = []
+
+    def record(name: str, accuracy: float, detail: str) -> None:
+        results.append({"attack": name, "accuracy": accuracy, "detail": detail})
+
+    as_is = {p: evaluate_state(model, proxy.state, data.test)[1] for p, proxy in last.items()}
+    best_partition = max(as_is, key=as_is.get)
+    record(
+        "proxy_as_is",
+        as_is[best_partition],
+        f"best of {len(as_is)} clients (partition {best_partition}); "
+        f"mean {sum(as_is.values()) / len(as_is):.4f}",
+    )
+
+    attacked = sorted(last)[: max_clients or len(last)]
+    tuned = {
+        p: finetune(
+            model,
+            last[p].state,
+            client_data(p),
+            data.test,
+            epochs,
+            learning_rates,
+            derive_seed("attack-finetune", config["seed"], p),
+        )
+        for p in attacked
+    }
+    best_partition = max(tuned, key=lambda p: tuned[p][0])
+    accuracy, rate, epoch = tuned[best_partition]
+    record(
+        "finetune",
+        accuracy,
+        f"best of {len(tuned)} clients (partition {best_partition}), lr {rate}, epoch {epoch}; "
+        f"mean {sum(t[0] for t in tuned.values()) / len(tuned):.4f}",
+    )
+
+    pooled = _pool([client_data(p) for p in sorted(last)])
+    public = build_model(
+        config["model"], config["dropout"], seed=config["seed"], spec=data.spec
+    ).state_dict()
+    for name, fill in (("collusion", None), ("public_fill", public)):
+        state, seen = collude(proxies, fill)
+        floats = [n for n, t in state.items() if t.is_floating_point()]
+        coverage = sum(int(seen[n].sum()) for n in floats) / sum(seen[n].numel() for n in floats)
+        record(
+            f"{name}_as_is",
+            evaluate_state(model, state, data.test)[1],
+            f"{len(proxies)} proxies pooled; {coverage:.4f} of the parameters seen",
+        )
+        accuracy, rate, epoch = finetune(
+            model,
+            state,
+            pooled,
+            data.test,
+            epochs,
+            learning_rates,
+            derive_seed("attack-collusion", config["seed"]),
+        )
+        record(
+            f"{name}_finetune",
+            accuracy,
+            f"fine-tuned on {len(pooled)} pooled examples, lr {rate}, epoch {epoch}",
+        )
+
+    global_accuracy = read_metrics(run_dir / "metrics.csv")[-1]["global_accuracy"]
+    best = max(results, key=lambda r: r["accuracy"])
+    reference = data_only_reference(config, data.spec, pooled, data.test, epochs, learning_rates)
+    leakage = knowledge_leakage(best["accuracy"], reference["accuracy"], global_accuracy)
+    report = {
+        "run": str(run_dir),
+        "global_accuracy": global_accuracy,
+        "attacks": results,
+        "best_attack": best["attack"],
+        "best_attack_accuracy": best["accuracy"],
+        "privacy_gap": global_accuracy - best["accuracy"],
+        "pooled_data_only": reference,
+        "data_only_accuracy": reference["accuracy"],
+        "knowledge_leakage": leakage,
+        "no_model_knowledge": leakage is None,
+        "epochs": epochs,
+        "learning_rates": list(learning_rates),
+        "note": "fine-tuning attacks and data-only pick their best epoch on the test set: "
+        "upper bounds",
+    }
+    (run_dir / "attacks.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The report as a text table."""
+    lines = [f"{'attack':<22} {'accuracy':>9}  detail", "-" * 80]
+    for row in report["attacks"]:
+        lines.append(f"{row['attack']:<22} {row['accuracy']:>9.4f}  {row['detail']}")
+    lines.append("-" * 80)
+    reference = report["pooled_data_only"]
+    lines.append(
+        f"{'data_only':<22} {reference['accuracy']:>9.4f}  reference: public init of "
+        f"{reference['model']} trained on the pooled data, lr {reference['lr']}, "
+        f"epoch {reference['epoch']} (no proxy)"
+    )
+    lines.append(f"{'global model':<22} {report['global_accuracy']:>9.4f}")
+    gap = report["privacy_gap"]
+    leakage = report["knowledge_leakage"]
+    lines.append(
+        f"best attack: {report['best_attack']} "
+        f"({report['best_attack_accuracy']:.4f}); privacy gap {gap:+.4f}; "
+        + (
+            f"knowledge leakage {leakage:.3f}"
+            if leakage is not None
+            else f"no model knowledge to protect (global <= data-only + {NO_KNOWLEDGE_MARGIN:g})"
+        )
+    )
+    lines.append("every fine-tuning figure takes its best epoch on the test set: an upper bound")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fedqsn_flwr.experiments.attack",
+        description="Attack a finished run's model privacy.",
+    )
+    parser.add_argument("--run", required=True, type=Path, help="a run's output folder")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument(
+        "--learning-rates", type=float, nargs="+", default=list(DEFAULT_LEARNING_RATES)
+    )
+    parser.add_argument(
+        "--max-clients",
+        type=int,
+        default=DEFAULT_MAX_CLIENTS,
+        help="fine-tune the proxies of this many clients (lowest partition ids)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = run_attacks(
+            args.run.expanduser(), args.epochs, args.learning_rates, args.max_clients
+        )
+    except (FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(f"written to {args.run / 'attacks.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+r"""Compare strategies (and sweep FedQSN's knobs) on the same data, seeds and start model.
+
+    python -m fedqsn_flwr.experiments.compare --config configs/compare/strategies.yaml --out results/cmp
+    python -m fedqsn_flwr.experiments.compare --config configs/compare/ablation.yaml --out results/abl \\
+        num-server-rounds=5 --seeds 0
+
+A comparison preset is a YAML mapping:
+
+* ``strategies`` -- strategy names (required); an entry may also be a mapping
+  ``{strategy: fedqsn, label: p1=0.7+feedback, config: {...}}``: a variant of
+  that strategy with its own run-config keys (on top of ``config``);
+* ``seeds`` -- list of seeds (default ``[0, 1, 2]``); every strategy runs on each;
+* ``nodes`` -- virtual SuperNodes per federation (default 10);
+* ``config`` -- run-config keys shared by every run;
+* ``sweep`` -- optional; ``{key: [values]}``, varied one key at a time with every
+  other key as in ``config``. A value may be a mapping of several keys (e.g.
+  ``{partitioning: dirichlet, dirichlet-alpha: 0.1}``);
+* ``attack-epochs`` -- optional; epochs of every fine-tuning attack and of the
+  data-only reference (default: :data:`fedqsn_flwr.experiments.attack.DEFAULT_EPOCHS`).
+
+Every run of a comparison uses one server secret per seed (``server-secret-file``
+under ``<out>/secrets/``, written once), so strategies compare on the same
+server split, initialisation and server mask, and a rerun reproduces them.
+
+Extra ``key=value`` arguments override ``config`` for every run. Each run is a
+real Flower simulation writing its own folder under ``<out>/runs/``; the summary
+files are rewritten after every finished run, and a rerun with the same plan
+reuses finished runs, so an interrupted comparison loses only the run in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedqsn_flwr.app.config import STRATEGIES, ConfigError, resolve
+from fedqsn_flwr.app.results import read_metrics
+
+SUMMARY_COLUMNS = (
+    "strategy",
+    "knob",
+    "value",
+    "seed",
+    "global_accuracy",
+    "server_accuracy",
+    "proxy_accuracy",
+    "start_accuracy",
+    "best_attack_accuracy",
+    "data_only_accuracy",
+    "knowledge_leakage",
+    "privacy_gap",
+    "finetune_attack_accuracy",
+    "collusion_attack_accuracy",
+    "public_fill_attack_accuracy",
+    "exposure",
+    "cosine_all",
+    "rel_l2_all",
+    "cosine_masked",
+    "rel_l2_masked",
+    "bytes_down_per_client",
+    "bytes_up_per_client",
+    "wall_seconds",
+    "rounds",
+    "best_attack",
+    "run_dir",
+)
+NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:23]
+#: Summary columns filled from ``attacks.json`` (NaN when attacks were skipped).
+ATTACK_COLUMNS = {
+    "finetune_attack_accuracy": ("finetune",),
+    "collusion_attack_accuracy": ("collusion_as_is", "collusion_finetune"),
+    "public_fill_attack_accuracy": ("public_fill_as_is", "public_fill_finetune"),
+}
+PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep", "attack-epochs"}
+STRATEGY_ENTRY_KEYS = {"strategy", "label", "config"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One federation of a comparison."""
+
+    strategy: str
+    seed: int
+    knob: str = ""
+    value: str = ""
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """Folder name under ``<out>/runs/``."""
+        variant = f"__{self.knob}={self.value}" if self.knob else ""
+        safe = variant.replace("/", "_").replace(" ", "").replace(",", "+")
+        return f"{self.strategy}{safe}__seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a comparison runs."""
+
+    runs: list[RunSpec]
+    nodes: int
+    attack_epochs: int | None = None
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def load_plan(
+    path: Path,
+    overrides: Mapping[str, Any] | None = None,
+    seeds: Sequence[int] | None = None,
+    strategies: Sequence[str] | None = None,
+) -> Plan:
+    """Read a comparison preset and expand it into runs (every config is validated)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read comparison preset '{path}': {err}") from err
+    if not isinstance(data, dict) or "strategies" not in data:
+        raise ConfigError(f"comparison preset '{path}' must be a mapping with 'strategies'")
+    if unknown := sorted(set(data) - PLAN_KEYS):
+        raise ConfigError(f"comparison preset '{path}' has unknown key(s) {unknown}")
+    entries = [_strategy_entry(e, path) for e in data["strategies"]]
+    if strategies:
+        entries = [e for e in entries if e[0] in strategies] + [
+            (s, "", {}) for s in strategies if s not in {e[0] for e in entries}
+        ]
+    if bad := [s for s, _, _ in entries if s not in STRATEGIES]:
+        raise ConfigError(f"unknown strategy {bad}; allowed: {list(STRATEGIES)}")
+    base = {**(data.get("config") or {}), **(overrides or {})}
+    variants: list[tuple[str, str, dict[str, Any]]] = []
+    for knob, values in (data.get("sweep") or {}).items():
+        for value in values:
+            extra = dict(value) if isinstance(value, Mapping) else {knob: value}
+            variants.append((knob, _label(value), extra))
+    variants = variants or [("", "", {})]
+    runs = []
+    for strategy, entry_label, entry_config in entries:
+        for knob, label, extra in variants:
+            if entry_label:
+                knob, label = "variant", entry_label if not label else f"{entry_label},{label}"
+            for seed in seeds or data.get("seeds", [0, 1, 2]):
+                config = {**base, **entry_config, **extra, "strategy": strategy, "seed": int(seed)}
+                resolve({}, Path.cwd(), config)  # fail before the first run, not the tenth
+                runs.append(RunSpec(strategy, int(seed), knob, label, config))
+    nodes = data.get("nodes", 10)
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise ConfigError(f"comparison preset '{path}': 'nodes' must be an integer >= 1")
+    attack_epochs = data.get("attack-epochs")
+    if attack_epochs is not None and (not isinstance(attack_epochs, int) or attack_epochs < 1):
+        raise ConfigError(f"comparison preset '{path}': 'attack-epochs' must be an integer >= 1")
+    return Plan(runs=runs, nodes=nodes, attack_epochs=attack_epochs)
+
+
+def _strategy_entry(entry: Any, path: Path) -> tuple[str, str, dict[str, Any]]:
+    """(strategy, label, config) of one ``strategies`` entry."""
+    if isinstance(entry, str):
+        return entry, "", {}
+    if not isinstance(entry, Mapping) or "strategy" not in entry:
+        raise ConfigError(
+            f"comparison preset '{path}': a strategies entry is a name or a mapping with "
+            f"'strategy' (and 'label', 'config'); got {entry!r}"
+        )
+    if unknown := sorted(set(entry) - STRATEGY_ENTRY_KEYS):
+        raise ConfigError(f"comparison preset '{path}': strategies entry has unknown {unknown}")
+    config = dict(entry.get("config") or {})
+    label = str(entry.get("label") or _label(config))
+    return str(entry["strategy"]), label, config
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "final_model.pt").exists() and (run_dir / "compare.json").exists()
+
+
+def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """One summary row, read from the run's own files."""
+    rows = read_metrics(run_dir / "metrics.csv")
+    last, trained = rows[-1], rows[1:]
+    wall = json.loads((run_dir / "compare.json").read_text())["wall_seconds"]
+
+    def mean(column: str) -> float:
+        values = [r[column] for r in trained if not math.isnan(r[column])]
+        return sum(values) / len(values) if values else math.nan
+
+    row: dict[str, Any] = {
+        "strategy": spec.strategy,
+        "knob": spec.knob,
+        "value": spec.value,
+        "seed": spec.seed,
+        "global_accuracy": last["global_accuracy"],
+        "server_accuracy": last["server_accuracy"],
+        "proxy_accuracy": last["proxy_accuracy"],
+        "start_accuracy": rows[0]["global_accuracy"],
+        "exposure": last["exposure"],
+        "cosine_all": mean("cosine_all"),
+        "rel_l2_all": mean("rel_l2_all"),
+        "cosine_masked": mean("cosine_masked"),
+        "rel_l2_masked": mean("rel_l2_masked"),
+        "bytes_down_per_client": mean("bytes_down"),
+        "bytes_up_per_client": mean("bytes_up"),
+        "wall_seconds": wall,
+        "rounds": int(last["round"]),
+        "run_dir": str(run_dir),
+        "best_attack": "",
+        "best_attack_accuracy": math.nan,
+        "data_only_accuracy": math.nan,
+        "knowledge_leakage": math.nan,
+        "privacy_gap": math.nan,
+        **{column: math.nan for column in ATTACK_COLUMNS},
+    }
+    attacks_file = run_dir / "attacks.json"
+    if attacks_file.exists():
+        report = json.loads(attacks_file.read_text())
+        accuracy = {a["attack"]: a["accuracy"] for a in report["attacks"]}
+        row["best_attack"] = report["best_attack"]
+        row["best_attack_accuracy"] = report["best_attack_accuracy"]
+        row["privacy_gap"] = report["privacy_gap"]
+        row["data_only_accuracy"] = report.get("data_only_accuracy", math.nan)
+        leakage = report.get("knowledge_leakage")
+        row["knowledge_leakage"] = math.nan if leakage is None else leakage
+        for column, names in ATTACK_COLUMNS.items():
+            row[column] = max(accuracy[n] for n in names)
+    return row
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_summary(rows: Sequence[Mapping[str, Any]], out: Path) -> None:
+    """Write ``summary.csv`` (one row per run) and ``summary.md`` (mean ± std over seeds)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    writer.writerows([_cell(row[c]) for c in SUMMARY_COLUMNS] for row in rows)
+    _write_atomic(out / "summary.csv", buffer.getvalue())
+    _write_atomic(out / "summary.md", summary_markdown(rows))
+    _write_atomic(out / "headline.md", headline_markdown(rows))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.10g}"
+    return str(value)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    big = max(abs(v) for v in values) >= 1000
+    return (
+        f"{statistics.mean(values):,.0f} ± {std:,.0f}"
+        if big
+        else (f"{statistics.mean(values):.3f} ± {std:.3f}")
+    )
+
+
+def groups(
+    rows: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, str, str], list[Mapping[str, Any]]]:
+    """Rows grouped by (strategy, knob, value), in first-seen order."""
+    grouped: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((row["strategy"], row["knob"], row["value"]), []).append(row)
+    return grouped
+
+
+def _variant_label(knob: str, value: str) -> str:
+    if knob == "variant" or "=" in value:
+        return value
+    return f"{knob}={value}" if knob else "–"
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Mean ± std over seeds for every (strategy, knob, value)."""
+    header = ["strategy", "variant", "seeds", *NUMERIC_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (strategy, knob, value), members in groups(rows).items():
+        variant = _variant_label(knob, value)
+        cells = [strategy, variant, str(len(members))]
+        cells += [_mean_std([float(m[c]) for m in members]) for c in NUMERIC_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+#: The headline table's columns: (summary column, header).
+HEADLINE_COLUMNS = (
+    ("start_accuracy", "start"),
+    ("global_accuracy", "global"),
+    ("proxy_accuracy", "proxy"),
+    ("best_attack_accuracy", "best attack"),
+    ("data_only_accuracy", "data only"),
+    ("knowledge_leakage", "leakage"),
+    ("bytes_down_per_client", "bytes down"),
+    ("bytes_up_per_client", "bytes up"),
+)
+
+
+def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Start, global, proxy, best attack, data only, leakage and bytes (mean ± std).
+
+    A variant whose runs all had no model knowledge to protect (global at most
+    2 points above data only) shows that instead of a leakage figure.
+    """
+    header = ["strategy", "variant", "seeds", *(h for _, h in HEADLINE_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (strategy, knob, value), members in groups(rows).items():
+        variant = _variant_label(knob, value)
+        cells = [strategy, variant, str(len(members))]
+        for column, _ in HEADLINE_COLUMNS:
+            values = [float(m[column]) for m in members]
+            if column == "knowledge_leakage":
+                cells.append(_leakage_cell(members, values))
+                continue
+            cells.append(_mean_std(values))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _leakage_cell(members: Sequence[Mapping[str, Any]], values: Sequence[float]) -> str:
+    """Leakage mean ± std, saying for how many seeds there was no knowledge to protect."""
+    attacked = [not math.isnan(float(m["best_attack_accuracy"])) for m in members]
+    missing = sum(1 for v, a in zip(values, attacked, strict=True) if a and math.isnan(v))
+    if not any(attacked):
+        return "–"
+    if missing == len(values):
+        return "no model knowledge to protect"
+    cell = _mean_std(values)
+    if missing:
+        cell += f" ({len(values) - missing} of {len(values)} seeds; the others: no knowledge)"
+    return cell
+
+
+def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]]:
+    """Run (or reuse) every run of ``plan``; keep the summary current after each.
+
+    With ``attacks``, every finished run is also attacked (:mod:`fedqsn_flwr.experiments.attack`).
+    """
+    from fedqsn_flwr.experiments.attack import run_attacks
+    from fedqsn_flwr.experiments.simulation import simulate
+
+    # absolute: a relative output-dir would be taken under the home folder
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = out / "runs"
+    secret_files = _seed_secrets(out, {spec.seed for spec in plan.runs})
+    rows: list[dict[str, Any]] = []
+    total = len(plan.runs)
+    for index, spec in enumerate(plan.runs, start=1):
+        run_dir = runs_dir / spec.name
+        tag = f"[{index}/{total}] {spec.name}"
+        config = {**spec.overrides, "output-dir": str(runs_dir), "run-name": spec.name}
+        config.setdefault("server-secret-file", str(secret_files[spec.seed]))
+        if _finished(run_dir) and _same_config(run_dir, config):
+            print(f"{tag}: finished earlier, reused", flush=True)
+        else:
+            print(f"{tag}: running", flush=True)
+            start = time.monotonic()
+            simulate(config, num_nodes=plan.nodes)
+            wall = time.monotonic() - start
+            (run_dir / "compare.json").write_text(json.dumps({"wall_seconds": round(wall, 2)}))
+        if attacks and not (run_dir / "attacks.json").exists():
+            if plan.attack_epochs is None:
+                run_attacks(run_dir)
+            else:
+                run_attacks(run_dir, epochs=plan.attack_epochs)
+        row = _row(spec, run_dir)
+        rows.append(row)
+        write_summary(rows, out)
+        print(
+            f"{tag}: global {row['global_accuracy']:.4f} | server {row['server_accuracy']:.4f}"
+            f" | proxy {row['proxy_accuracy']:.4f} | best attack {row['best_attack_accuracy']:.4f}"
+            f" | {row['wall_seconds']:.0f} s",
+            flush=True,
+        )
+    return rows
+
+
+def _seed_secrets(out: Path, seeds: set[int]) -> dict[int, Path]:
+    """One server-secret file per seed under ``<out>/secrets/`` (written once, 0600)."""
+    folder = out / "secrets"
+    folder.mkdir(exist_ok=True, mode=0o700)
+    files = {}
+    for seed in sorted(seeds):
+        file = folder / f"seed{seed}.secret"
+        if not file.exists():
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        files[seed] = file.resolve()
+    return files
+
+
+def _same_config(run_dir: Path, config: Mapping[str, Any]) -> bool:
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return saved == resolve({}, Path.cwd(), config)
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fedqsn_flwr.experiments.compare", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--config", required=True, type=Path, help="comparison preset (YAML)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    parser.add_argument("--strategies", nargs="+", help="override the preset's strategies")
+    parser.add_argument(
+        "--skip-attacks",
+        action="store_true",
+        help="do not attack the runs (no privacy-gap columns)",
+    )
+    parser.add_argument("overrides", nargs="*", help="run-config key=value for every run")
+    args = parser.parse_args(argv)
+    try:
+        plan = load_plan(args.config, _parse_overrides(args.overrides), args.seeds, args.strategies)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(plan.runs)} runs, {plan.nodes} nodes each; writing to {args.out}", flush=True)
+    try:
+        rows = run_plan(plan, args.out, attacks=not args.skip_attacks)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished runs are kept; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    from fedqsn_flwr.experiments.plots import write_plots
+
+    attacked = all(not math.isnan(float(r["best_attack_accuracy"])) for r in rows)
+    for path in write_plots(rows, args.out, attacked):
+        print(f"wrote {path}")
+    print((args.out / "summary.md").read_text())
+    print(f"summary: {args.out / 'summary.csv'}, {args.out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

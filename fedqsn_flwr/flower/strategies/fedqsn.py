@@ -1,0 +1,489 @@
+"""FedQSN: every client trains a private, masked and quantized proxy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore import log
+
+from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.core.feedback import (
+    ClientFeedback,
+    GradientFn,
+    apply_feedback,
+    feedback_direction,
+    hidden_slices,
+    select_units,
+    server_hidden,
+)
+from fedqsn_flwr.core.masking import (
+    MaskPolicy,
+    UnitMask,
+    apply_mask,
+    draw_client_mask,
+    draw_server_mask,
+)
+from fedqsn_flwr.core.secret import new_secret, secret_seed
+from fedqsn_flwr.flower.privacy import ExposureTracker, SimilarityReference, unit_factors
+from fedqsn_flwr.flower.protocol import (
+    FEEDBACK_RECORD,
+    LAYOUT_RECORD,
+    PROXY_RECORD,
+    UPDATE_RECORD,
+)
+from fedqsn_flwr.flower.proxy import (
+    UPDATE_BIT_WIDTHS,
+    InvalidUpdate,
+    PackedTensor,
+    ProxySpec,
+    decode_feedback,
+    decode_proxy,
+    decode_update,
+    encode_proxy,
+    hidden_units,
+    iter_packed,
+    proxy_layout,
+)
+from fedqsn_flwr.flower.replies import checked_metrics, reason
+from fedqsn_flwr.flower.strategies.fedavg import MeasuredFedAvg
+from fedqsn_flwr.flower.strategies.utils import (
+    EVALUATE,
+    TRAIN,
+    check_consistent,
+    l2_norm,
+)
+
+
+class FedQSN(MeasuredFedAvg):
+    """FedQSN: every client trains a private, masked and quantized proxy.
+
+    The server keeps the full-precision global model. Each round it sends every
+    sampled client a *proxy*: the model with the units of the **server mask**
+    (ratio ``server_mask_ratio`` = the paper's p1, drawn once per run) and of a
+    fresh **client mask** (ratio ``client_mask_ratio`` = p2, drawn among the
+    server-visible units for each client and round) removed, visible units scaled
+    by ``num_units / num_visible``, and every value quantized to ``bit_width``-bit
+    NormalFloat codes in blocks of ``block_size``. Clients return the update of
+    the units they saw; each position of the global model moves by the weighted
+    mean of the updates of the clients that saw it.
+
+    Every option after ``policy`` is keyword-only.
+
+    Parameters
+    ----------
+    policy : MaskPolicy
+        Which tensors are masked (and along which axis) and quantized
+        (:func:`fedqsn_flwr.core.masking.policy_for_model`).
+    server_mask_ratio : float (default: 0.1)
+        p1, share of units hidden from every client for the whole run.
+    client_mask_ratio : float (default: 0.1)
+        p2, share of server-visible units hidden per client per round.
+    bit_width : int | None (default: 4)
+        Bits per quantized value (2..8); None sends float32 proxies.
+    block_size : int (default: 64)
+        Values per absmax quantization block.
+    update_bit_width : int (default: 16)
+        How clients encode their updates: 32 (float32), 16 (float16: half the
+        bytes, no accuracy cost measured) or 2..8 (NF-k codes in blocks of
+        ``block_size``); see :mod:`fedqsn_flwr.flower.proxy`.
+    device : str | torch.device (default: "cpu")
+        Where proxies are built and updates aggregated (e.g. ``"cuda"``). The
+        global model handed back to Flower is always on the CPU.
+    privacy_metrics : bool (default: False)
+        Decode every proxy as its client will and log its similarity to the
+        global model and the exposure (``round_log``). Costs about one decode
+        per message on the server; this project's ServerApp switches it on.
+    server_secret : bytes, optional
+        32 bytes no client can obtain (:mod:`fedqsn_flwr.core.secret`): the server
+        mask and every client mask derive from it. Default: fresh random bytes,
+        so masks differ from run to run; pass one to reproduce a run.
+    hidden_feedback : bool (default: False)
+        Step the server-hidden units with the clients' gradients at the hidden
+        positions and a control variate from the server's own data
+        (:mod:`fedqsn_flwr.core.feedback`); needs ``feedback_gradient_fn`` and a
+        train config with ``learning-rate``, ``local-epochs`` and ``batch-size``.
+    feedback_gradient_fn : GradientFn, optional
+        Mean loss gradient of a model state on the server's own data.
+    feedback_step : float (default: 1.0)
+        Step on hidden units in units of learning rate x local steps.
+    feedback_clip : float (default: 5.0)
+        A client's hidden gradient is clipped to this many times the norm of the
+        server's gradient of the same proxy on its own data.
+    **options
+        :class:`~fedqsn_flwr.flower.strategies.fedavg.MeasuredFedAvg`'s options:
+        FedAvg's (``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``,
+        ``min_evaluate_nodes``, ``min_available_nodes``, ``weighted_by_key``,
+        ``configrecord_key``, ``train_metrics_aggr_fn``,
+        ``evaluate_metrics_aggr_fn``; all honoured) and ``seed`` (of node
+        sampling: public, clients may know it), ``proxy_evaluate_fn`` (called on
+        every proxy decoded from its message), ``message_sink``,
+        ``max_num_examples``, ``max_update_norm_ratio`` (updates compared in
+        global units). ``arrayrecord_key`` is refused: FedQSN sends proxies
+        (``"proxy"``, ``"proxy-layout"``) and takes back updates (``"update"``),
+        never plain arrays (:mod:`fedqsn_flwr.flower.protocol`). An unknown
+        name raises :class:`TypeError`.
+
+    """
+
+    def __init__(
+        self,
+        policy: MaskPolicy,
+        *,
+        server_mask_ratio: float = 0.1,
+        client_mask_ratio: float = 0.1,
+        bit_width: int | None = 4,
+        block_size: int = 64,
+        update_bit_width: int = 16,
+        device: str | torch.device = "cpu",
+        privacy_metrics: bool = False,
+        server_secret: bytes | None = None,
+        hidden_feedback: bool = False,
+        feedback_gradient_fn: GradientFn | None = None,
+        feedback_step: float = 1.0,
+        feedback_clip: float = 5.0,
+        **options: Any,
+    ) -> None:
+        if options.get("arrayrecord_key", "arrays") != "arrays":
+            raise ValueError(
+                "FedQSN sends proxies and takes back updates under fixed record names "
+                "(fedqsn_flwr.flower.protocol), never plain arrays: arrayrecord_key "
+                f"{options['arrayrecord_key']!r} cannot be honoured"
+            )
+        if not isinstance(policy, MaskPolicy):
+            raise TypeError(
+                f"policy must be a MaskPolicy (see policy_for_model), got {type(policy).__name__}"
+            )
+        super().__init__(**options)
+        for name, ratio in (
+            ("server_mask_ratio", server_mask_ratio),
+            ("client_mask_ratio", client_mask_ratio),
+        ):
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+        if update_bit_width not in UPDATE_BIT_WIDTHS:
+            raise ValueError(
+                f"update_bit_width must be one of {UPDATE_BIT_WIDTHS}, got {update_bit_width}"
+            )
+        self.update_bit_width = update_bit_width
+        self.device = torch.device(device)
+        self.privacy_metrics = privacy_metrics
+        self.policy = policy
+        self.server_mask_ratio = server_mask_ratio
+        self.client_mask_ratio = client_mask_ratio
+        self.bit_width = bit_width
+        self.block_size = block_size
+        if hidden_feedback and feedback_gradient_fn is None:
+            raise ValueError(
+                "hidden_feedback needs data of the server's own: pass feedback_gradient_fn "
+                "(the mean loss gradient of a state on that data)"
+            )
+        if hidden_feedback and (not policy.unit_axes or server_mask_ratio == 0.0):
+            raise ValueError("hidden_feedback needs a server mask (masked tensors and p1 > 0)")
+        self.server_secret = server_secret if server_secret is not None else new_secret()
+        self.server_mask: UnitMask = draw_server_mask(
+            policy, server_mask_ratio, secret_seed(self.server_secret, "server-mask")
+        )
+        self.hidden_feedback = hidden_feedback
+        self.feedback_gradient_fn = feedback_gradient_fn
+        self.feedback_step = feedback_step
+        self.feedback_clip = feedback_clip
+        self._server_hidden = server_hidden(policy, self.server_mask)
+        self._references: dict[int, dict[str, torch.Tensor]] = {}
+        self._feedback: dict[int, ClientFeedback] = {}
+        self._full_gradient: dict[str, torch.Tensor] = {}
+        self._local_steps: Callable[[float], float] | None = None
+        self._learning_rate = 0.0
+        self._global: dict[str, torch.Tensor] = {}
+        self._sent: dict[int, ProxySpec] = {}
+        self._exposure: ExposureTracker | None = None
+
+    def summary(self) -> None:
+        """Log the FedQSN settings and FedAvg's sampling settings."""
+        log(INFO, "\t├──> FedQSN:")
+        log(INFO, "\t│\t├── server mask ratio p1: %.3f", self.server_mask_ratio)
+        log(INFO, "\t│\t├── client mask ratio p2: %.3f", self.client_mask_ratio)
+        log(INFO, "\t│\t├── bit width: %s, block size: %d", self.bit_width, self.block_size)
+        log(INFO, "\t│\t├── update bit width: %d, device: %s", self.update_bit_width, self.device)
+        log(INFO, "\t│\t├── hidden-unit feedback: %s", self.hidden_feedback)
+        log(INFO, "\t│\t└── masked tensors: %s", ", ".join(sorted(self.policy.unit_axes)))
+        super().summary()
+
+    def client_mask(self, server_round: int, partition_id: int, purpose: int = TRAIN) -> UnitMask:
+        """The client mask of one client (by partition id) in one round."""
+        seed = secret_seed(self.server_secret, "client-mask", server_round, purpose, partition_id)
+        return draw_client_mask(self.server_mask, self.client_mask_ratio, seed)
+
+    def server_model(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The paper's *server model*: the global model under the server mask only."""
+        return apply_mask(arrays.to_torch_state_dict(), self.policy, self.server_mask)
+
+    def _proxy_message(
+        self,
+        state: Mapping[str, torch.Tensor],
+        server_round: int,
+        node_id: int,
+        config: ConfigRecord,
+        message_type: str,
+        purpose: int,
+        layout: ConfigRecord,
+    ) -> tuple[Message, ProxySpec]:
+        visible = self.client_mask(server_round, self.partition_ids[node_id], purpose)
+        proxy, layout, spec = encode_proxy(
+            state,
+            self.policy,
+            visible,
+            self.bit_width,
+            self.block_size,
+            self.update_bit_width,
+            layout,
+        )
+        content = RecordDict(
+            {PROXY_RECORD: proxy, LAYOUT_RECORD: layout, self.configrecord_key: config}
+        )
+        return Message(content=content, message_type=message_type, dst_node_id=node_id), spec
+
+    def _layout(self, state: Mapping[str, torch.Tensor]) -> ConfigRecord:
+        # The same for every client of a round; Flower's records may be shared.
+        return proxy_layout(
+            state, self.policy, self.bit_width, self.block_size, self.update_bit_width
+        )
+
+    def _exposed_pieces(self, arrays: ArrayRecord, layout: ConfigRecord) -> Iterator[PackedTensor]:
+        """The message's tensors, still packed, each marked exposed as it comes by."""
+        assert self._exposure is not None
+        for piece in iter_packed(arrays, layout):
+            self._exposure.add_tensor(piece.name, piece.axis, piece.units)
+            yield piece
+
+    def _on_device(
+        self, arrays: ArrayRecord, state: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        state = state if state is not None else arrays.to_torch_state_dict()
+        return {k: v.to(self.device) for k, v in state.items()}
+
+    def _train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        self._global = arrays.to_torch_state_dict()
+        floats = (t.numpy() for t in self._global.values() if t.is_floating_point())
+        self._model_norm = l2_norm(floats)
+        if self.hidden_feedback:
+            self._prepare_feedback(config)
+        if self._exposure is None:
+            self._exposure = ExposureTracker(self._global, self.policy)
+        state = self._on_device(arrays, self._global)
+        layout = self._layout(state)
+        reference = (
+            SimilarityReference(self._global, list(self.policy.unit_axes))
+            if self.privacy_metrics
+            else None
+        )
+        messages: list[Message] = []
+        self._sent = {}
+        sims: dict[str, float] = {}
+        accuracies: list[float] = []
+        # One proxy at a time: only the messages (what Flower sends) pile up, not
+        # the decoded dense proxies, which are as large as the model each.
+        for node_id in node_ids:
+            message, self._sent[node_id] = self._proxy_message(
+                state, server_round, node_id, config, MessageType.TRAIN, TRAIN, layout
+            )
+            messages.append(message)
+            if self.hidden_feedback:
+                self._references[node_id] = self._reference_gradient(message)
+            if not self.privacy_metrics and self.proxy_evaluate_fn is None:
+                continue
+            # Everything below looks at what the message carries, decoded as a client would.
+            sent, layout = message.content[PROXY_RECORD], message.content[LAYOUT_RECORD]
+            if self.proxy_evaluate_fn is None:
+                # straight from the codes, one tensor at a time: the metrics of a
+                # large model's proxy need no decoded copy of it
+                assert reference is not None
+                found = reference.compare_packed(
+                    self._exposed_pieces(sent, layout),
+                    int(layout["bit-width"]),
+                    int(layout["block-size"]),
+                )
+            else:
+                proxy = decode_proxy(sent, layout)
+                accuracies.append(self.proxy_evaluate_fn(proxy.state))
+                if reference is None:
+                    continue
+                found = reference(proxy.state, unit_factors(proxy))
+                self._exposure.add(proxy)
+            for key, value in found.items():
+                sims[key] = sims.get(key, 0.0) + value / len(node_ids)
+        if messages and self.privacy_metrics:
+            self._log_round(server_round, **sims, exposure=self._exposure.exposure)
+        if accuracies:
+            self._log_round(server_round, proxy_accuracy=sum(accuracies) / len(accuracies))
+        return messages
+
+    def _prepare_feedback(self, config: ConfigRecord) -> None:
+        """The round's full-model gradient and step settings (hidden-unit feedback)."""
+        missing = [k for k in ("learning-rate", "local-epochs", "batch-size") if k not in config]
+        if missing:
+            raise ValueError(
+                f"hidden_feedback needs the train config to hold {missing} "
+                "(the step on hidden units is learning rate x local steps)"
+            )
+        epochs, batch = int(config["local-epochs"]), max(1, int(config["batch-size"]))
+        self._learning_rate = float(config["learning-rate"])
+        self._local_steps = lambda examples: epochs * math.ceil(examples / batch)
+        assert self.feedback_gradient_fn is not None
+        gradient = self.feedback_gradient_fn(self._global)
+        self._full_gradient = hidden_slices(gradient, self.policy, self._server_hidden)
+        self._references = {}
+        self._feedback = {}
+
+    def _reference_gradient(self, message: Message) -> dict[str, torch.Tensor]:
+        """g_p: the gradient of the proxy in ``message`` on the server's own data."""
+        assert self.feedback_gradient_fn is not None
+        proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
+        gradient = self.feedback_gradient_fn(proxy.state)
+        return hidden_slices(gradient, self.policy, self._server_hidden)
+
+    def _client_feedback(
+        self, node_id: int, content: RecordDict, spec: ProxySpec, weight: float
+    ) -> ClientFeedback:
+        """Validate a reply's feedback; its slices at the server-hidden units."""
+        if FEEDBACK_RECORD not in content.array_records:
+            raise InvalidUpdate(f"reply has no '{FEEDBACK_RECORD}' ArrayRecord")
+        hidden = decode_feedback(content.array_records[FEEDBACK_RECORD], spec, self.policy)
+        gradient = {}
+        for name, units in self._server_hidden.items():
+            if not units.numel():
+                continue
+            among = hidden_units(self.policy.unit_counts[name], spec.visible[name])
+            gradient[name] = select_units(hidden[name], self.policy.unit_axes[name], among, units)
+        return ClientFeedback(gradient, self._references[node_id], weight)
+
+    def _with_feedback(
+        self, state: dict[str, torch.Tensor], accepted: list[tuple[Message, ClientUpdate]]
+    ) -> dict[str, torch.Tensor]:
+        """``state`` with its server-hidden units stepped by the round's feedback."""
+        feedback = [self._feedback[m.metadata.src_node_id] for m, _ in accepted]
+        if not feedback or self._local_steps is None:
+            return state
+        total = sum(f.weight for f in feedback)
+        steps = sum(self._local_steps(f.weight) * f.weight for f in feedback) / total
+        direction = feedback_direction(feedback, self._full_gradient, self.feedback_clip)
+        step = self.feedback_step * self._learning_rate * steps
+        return apply_feedback(state, self.policy, self._server_hidden, direction, step)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Adds which parameters clients have seen (exposure) to the base state."""
+        state = super().checkpoint_state()
+        if self._exposure is not None:
+            state["exposure_seen"] = {n: m.clone() for n, m in self._exposure.seen.items()}
+        return state
+
+    def restore(
+        self, state: Mapping[str, Any], global_state: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Take back a checkpoint; ``global_state`` shapes the exposure tracker."""
+        super().restore(state)
+        if "exposure_seen" in state and global_state is not None:
+            self._exposure = ExposureTracker(global_state, self.policy)
+            self._exposure.seen = {n: m.clone() for n, m in state["exposure_seen"].items()}
+
+    @property
+    def exposure_bound(self) -> float:
+        """The most exposure the server mask allows (see :mod:`fedqsn_flwr.flower.privacy`)."""
+        if self._exposure is None:
+            raise RuntimeError("no proxy has been sent yet")
+        return self._exposure.bound(self.server_mask_ratio)
+
+    def _evaluate_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        state = self._on_device(arrays)
+        layout = self._layout(state)
+        messages = []
+        for node_id in node_ids:
+            message, _ = self._proxy_message(
+                state, server_round, node_id, config, MessageType.EVALUATE, EVALUATE, layout
+            )
+            messages.append(message)
+            if self.privacy_metrics and self._exposure is not None:
+                # evaluation proxies carry other client masks: they count as exposed too
+                # (marking them needs the units each carries, not the decoded values)
+                content = message.content
+                for _ in self._exposed_pieces(content[PROXY_RECORD], content[LAYOUT_RECORD]):
+                    pass
+        if messages and self.privacy_metrics and self._exposure is not None:
+            self._log_round(server_round, exposure=self._exposure.exposure)
+        return messages
+
+    def _without_outliers(
+        self, server_round: int, accepted: list[tuple[Message, ClientUpdate]]
+    ) -> list[tuple[Message, ClientUpdate]]:
+        """Drop updates beyond the norm bounds (:meth:`MeasuredFedAvg._norm_bounded`)."""
+        norms = [
+            math.sqrt(sum(float(d.double().pow(2).sum()) for d in u.deltas.values()))
+            for _, u in accepted
+        ]
+        keep = self._norm_bounded(
+            server_round, [(m, n) for (m, _), n in zip(accepted, norms, strict=True)]
+        )
+        return [pair for pair, k in zip(accepted, keep, strict=True) if k]
+
+    def _client_update(self, message: Message) -> tuple[ClientUpdate, MetricRecord]:
+        """Validate one reply and turn it into a :class:`ClientUpdate`."""
+        node_id = message.metadata.src_node_id
+        spec = self._sent.get(node_id)
+        if spec is None:
+            raise InvalidUpdate("no proxy was sent to this node in this round")
+        content = message.content
+        if UPDATE_RECORD not in content.array_records:
+            raise InvalidUpdate(f"reply has no '{UPDATE_RECORD}' ArrayRecord")
+        metrics = checked_metrics(message, self.weighted_by_key, self.max_num_examples, True)
+        weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
+        deltas = decode_update(content.array_records[UPDATE_RECORD], spec, self.policy)
+        if self.hidden_feedback:
+            self._feedback[node_id] = self._client_feedback(node_id, content, spec, float(weight))
+        return ClientUpdate(deltas=deltas, visible=spec.visible, weight=weight), metrics
+
+    def _aggregate_on_device(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return apply_updates(self._global, updates, self.policy)
+        moved = [
+            ClientUpdate(
+                deltas={k: d.to(self.device) for k, d in u.deltas.items()},
+                visible={k: v.to(self.device) for k, v in u.visible.items()},
+                weight=u.weight,
+            )
+            for u in updates
+        ]
+        state = {k: v.to(self.device) for k, v in self._global.items()}
+        return {k: v.cpu() for k, v in apply_updates(state, moved, self.policy).items()}
+
+    def _aggregate_valid(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[tuple[Message, ClientUpdate]] = []
+        metrics: dict[int, MetricRecord] = {}
+        lengths: dict[str, int | None] = {}
+        for message in replies:
+            try:
+                update, metrics[id(message)] = self._client_update(message)
+                check_consistent(metrics[id(message)], lengths)
+                accepted.append((message, update))
+            except Exception as err:  # one bad reply is skipped, never the round
+                self._reject(server_round, message, reason(err))
+        accepted = self._without_outliers(server_round, accepted)
+        updates = [update for _, update in accepted]
+        self._log_round(server_round, num_aggregated=float(len(updates)))
+        self._sent = {}
+        if not updates:
+            log(WARNING, "Round %d: no valid update; the global model is unchanged", server_round)
+            return None, None
+        state = self._aggregate_on_device(updates)
+        if self.hidden_feedback:
+            state = self._with_feedback(state, accepted)
+        return ArrayRecord(state), self._train_metrics([metrics[id(m)] for m, _ in accepted])
