@@ -9,7 +9,7 @@ trains -- and with all threads -- as the server pretrains -- and one evaluation
 batch of 512, then multiplies by the number of steps the preset implies (10
 virtual SuperNodes, two training at a time on a 2-core machine; the server
 evaluates the global model, the server model and every proxy on its test set
-each round). It prints the estimate per preset; the README quotes it.
+each round). It prints the estimate per preset; docs/configuration.md quotes it.
 """
 
 from __future__ import annotations

@@ -1,18 +1,25 @@
 """fedqsn-flwr: FedQSN (random masking + NormalFloat quantization) for Flower.
 
-Use the strategy in your own Flower app::
+The strategy, in a ServerApp::
 
     from fedqsn_flwr import FedQSN, policy_for_model
 
-    strategy = FedQSN(policy_for_model(model), server_mask_ratio=0.1,
-                      client_mask_ratio=0.1, bit_width=4, block_size=64, seed=0)
+    strategy = FedQSN(policy_for_model(model), server_mask_ratio=0.1, client_mask_ratio=0.1)
 
-and, in your ClientApp, :func:`decode_proxy` the received proxy, train it and
-reply with :func:`encode_update` (see ``fedqsn_flwr/app/client.py``).
+and in a ClientApp's ``@app.train`` handler::
+
+    received = load_received(model, msg.content)
+    with freeze_hidden(model, received):
+        my_training_loop(model, data)
+    return train_reply(msg, model, received, num_examples=len(data))
+
+(``examples/own-app`` is a complete app). This top level imports only the
+algorithm (:mod:`fedqsn_flwr.core`) and the Flower integration
+(:mod:`fedqsn_flwr.flower`); this project's app and experiment tools live in
+:mod:`fedqsn_flwr.app` and :mod:`fedqsn_flwr.experiments` (extras ``app``,
+``experiments``).
 """
 
-from fedqsn_flwr.app.models import InputSpec, build_model
-from fedqsn_flwr.app.sources import DataKey, RawData
 from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
 from fedqsn_flwr.core.masking import (
     MaskPolicy,
@@ -30,6 +37,12 @@ from fedqsn_flwr.core.quantization import (
     quantize_packed,
     unpack_bits,
 )
+from fedqsn_flwr.flower.client_helpers import (
+    FrozenHidden,
+    freeze_hidden,
+    load_received,
+    train_reply,
+)
 from fedqsn_flwr.flower.protocol import (
     LAYOUT_RECORD,
     METRICS_RECORD,
@@ -44,10 +57,7 @@ from fedqsn_flwr.flower.proxy import (
     encode_proxy,
     encode_update,
 )
-from fedqsn_flwr.flower.strategies import (
-    FedQSN,
-    MeasuredFedAvg,
-)
+from fedqsn_flwr.flower.strategies import FedQSN, MeasuredFedAvg
 
 __all__ = [
     "LAYOUT_RECORD",
@@ -55,17 +65,14 @@ __all__ = [
     "PROXY_RECORD",
     "UPDATE_RECORD",
     "ClientUpdate",
-    "DataKey",
     "FedQSN",
-    "InputSpec",
+    "FrozenHidden",
     "InvalidUpdate",
     "MaskPolicy",
     "MeasuredFedAvg",
     "Proxy",
-    "RawData",
     "apply_mask",
     "apply_updates",
-    "build_model",
     "decode_proxy",
     "decode_update",
     "dequantize",
@@ -74,10 +81,13 @@ __all__ = [
     "draw_server_mask",
     "encode_proxy",
     "encode_update",
+    "freeze_hidden",
+    "load_received",
     "normal_float_codebook",
     "pack_bits",
     "policy_for_model",
     "quantize",
     "quantize_packed",
+    "train_reply",
     "unpack_bits",
 ]

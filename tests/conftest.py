@@ -27,3 +27,27 @@ def base_config(tmp_path):
             "seed": 7,
         }
     )
+
+
+@pytest.fixture(scope="session")
+def saved_run(tmp_path_factory):
+    """One real simulation in the default secret mode, every message saved.
+
+    Shared by the tests that read a finished run from a client's side
+    (test_secret) and attack it (test_attacks): one Ray start, not two.
+    """
+    from fedqsn_flwr.experiments.simulation import simulate
+
+    return simulate(
+        {
+            "output-dir": str(tmp_path_factory.mktemp("saved-run")),
+            "run-name": "secret",
+            "num-server-rounds": 2,
+            "pretrain-epochs": 1,
+            "local-epochs": 1,
+            "server-mask-ratio": 0.5,
+            "fraction-evaluate": 1.0,
+            "seed": 11,
+        },
+        num_nodes=2,
+    )

@@ -21,7 +21,6 @@ from fedqsn_flwr.experiments.attack import (
     main,
     run_attacks,
 )
-from fedqsn_flwr.experiments.simulation import simulate
 from fedqsn_flwr.flower.privacy import hidden_units
 from fedqsn_flwr.flower.proxy import received_model
 from fedqsn_flwr.flower.strategies import FedQSN
@@ -70,6 +69,7 @@ def _received(grid):
     return out
 
 
+@pytest.mark.slow
 def test_collusion_of_every_message_recovers_nothing_of_the_hidden_units(base_config):
     strategy, grid, result, hidden = _federation(base_config)
     proxies = _received(grid)
@@ -138,20 +138,9 @@ def test_privacy_metrics_are_deterministic(base_config):
     assert logs[0] == logs[1]
 
 
-def test_attack_command_on_a_real_run_is_deterministic(tmp_path, capsys):
-    run = simulate(
-        {
-            "output-dir": str(tmp_path),
-            "run-name": "r",
-            "num-server-rounds": 2,
-            "min-nodes": 3,
-            "pretrain-epochs": 5,
-            "fraction-evaluate": 0.0,
-            "server-mask-ratio": 0.3,
-            "client-mask-ratio": 0.3,
-        },
-        num_nodes=3,
-    )
+@pytest.mark.slow
+def test_attack_command_on_a_real_run_is_deterministic(saved_run, capsys):
+    run = saved_run
     assert main(["--run", str(run), "--epochs", "2", "--max-clients", "2"]) == 0
     first = json.loads((run / "attacks.json").read_text())
     assert "best attack:" in capsys.readouterr().out

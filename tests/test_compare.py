@@ -86,23 +86,48 @@ def test_shipped_comparison_presets_expand():
     assert {r.overrides["mnist1d-client-shear"] for r in no_shift.runs} == {0.75}
 
 
-def test_compare_runs_every_strategy_and_summarises_the_runs(tmp_path, capsys):
+@pytest.mark.slow
+def test_compare_runs_every_strategy_resumes_after_an_interrupt_and_summarises(
+    tmp_path, monkeypatch, capsys
+):
+    """One comparison of the five strategies, interrupted at its third run and resumed."""
+    import fedqsn_flwr.experiments.simulation as simulation
+
+    real = simulation.simulate
+    calls = []
+
+    def interrupted_third(config, num_nodes):
+        calls.append(config["strategy"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(config, num_nodes=num_nodes)
+
     preset = _preset(
         tmp_path,
         strategies=["fedavg", "fedprox", "fedq", "fedsn", "fedqsn"],
         seeds=[3],
         nodes=2,
         config={
-            "num-server-rounds": 2,
+            "num-server-rounds": 1,
             "pretrain-epochs": 5,
             "local-epochs": 1,
             "fraction-evaluate": 0.0,
         },
     )
     out = tmp_path / "out"
+    monkeypatch.setattr(simulation, "simulate", interrupted_third)
+    assert main(["--config", str(preset), "--out", str(out)]) == 130
+    with (out / "summary.csv").open() as handle:
+        assert [r["strategy"] for r in csv.DictReader(handle)] == ["fedavg", "fedprox"]
+    first = (out / "runs" / "fedavg__seed3" / "metrics.csv").read_text()
+    capsys.readouterr()
+
+    monkeypatch.setattr(simulation, "simulate", real)
     assert main(["--config", str(preset), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert "[1/5] fedavg__seed3: finished earlier, reused" in printed
     assert "[5/5] fedqsn__seed3: global" in printed
+    assert (out / "runs" / "fedavg__seed3" / "metrics.csv").read_text() == first
 
     with (out / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -110,16 +135,17 @@ def test_compare_runs_every_strategy_and_summarises_the_runs(tmp_path, capsys):
     assert [r["strategy"] for r in rows] == ["fedavg", "fedprox", "fedq", "fedsn", "fedqsn"]
     for row in rows:
         metrics = read_metrics(out / "runs" / f"{row['strategy']}__seed3" / "metrics.csv")
-        assert [int(m["round"]) for m in metrics] == [0, 1, 2]  # 2 rounds, end to end
+        assert [int(m["round"]) for m in metrics] == [0, 1]  # 1 round, end to end
         assert float(row["global_accuracy"]) == pytest.approx(metrics[-1]["global_accuracy"])
         assert float(row["proxy_accuracy"]) == pytest.approx(metrics[-1]["proxy_accuracy"])
-        mean_down = (metrics[1]["bytes_down"] + metrics[2]["bytes_down"]) / 2
-        assert float(row["bytes_down_per_client"]) == pytest.approx(mean_down)
+        assert float(row["bytes_down_per_client"]) == pytest.approx(metrics[1]["bytes_down"])
         assert float(row["wall_seconds"]) > 0
     starts = {row["start_accuracy"] for row in rows}
     assert len(starts) == 1  # same seed -> same pretrained start model for every strategy
     by = {r["strategy"]: float(r["bytes_down_per_client"]) for r in rows}
     assert by["fedqsn"] < by["fedq"] < by["fedsn"] < by["fedavg"]
+    assert by["fedqsn"] < 0.2 * by["fedavg"]  # 4-bit codes of ~81% of the weights vs float32
+    assert float(rows[0]["global_accuracy"]) > 0.5  # the FedAvg baseline runs and learns
     assert not math.isnan(float(rows[-1]["server_accuracy"]))
 
     markdown = (out / "summary.md").read_text()
@@ -132,43 +158,3 @@ def test_compare_runs_every_strategy_and_summarises_the_runs(tmp_path, capsys):
     assert main(["--config", str(preset), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("finished earlier, reused") == 5
     assert (out / "summary.csv").read_text() == before
-
-
-def test_an_interrupted_comparison_keeps_finished_runs_and_resumes(tmp_path, monkeypatch, capsys):
-    import fedqsn_flwr.experiments.simulation as simulation
-
-    real = simulation.simulate
-    calls = []
-
-    def interrupted_second(config, num_nodes):
-        calls.append(config["strategy"])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(config, num_nodes=num_nodes)
-
-    preset = _preset(
-        tmp_path,
-        strategies=["fedavg", "fedqsn"],
-        seeds=[1],
-        nodes=2,
-        config={
-            "num-server-rounds": 1,
-            "pretrain-epochs": 2,
-            "local-epochs": 1,
-            "fraction-evaluate": 0.0,
-        },
-    )
-    out = tmp_path / "out"
-    monkeypatch.setattr(simulation, "simulate", interrupted_second)
-    assert main(["--config", str(preset), "--out", str(out), "--skip-attacks"]) == 130
-    with (out / "summary.csv").open() as handle:
-        assert [r["strategy"] for r in csv.DictReader(handle)] == ["fedavg"]
-    first = (out / "runs" / "fedavg__seed1" / "metrics.csv").read_text()
-
-    monkeypatch.setattr(simulation, "simulate", real)
-    assert main(["--config", str(preset), "--out", str(out), "--skip-attacks"]) == 0
-    printed = capsys.readouterr().out
-    assert "[1/2] fedavg__seed1: finished earlier, reused" in printed
-    assert (out / "runs" / "fedavg__seed1" / "metrics.csv").read_text() == first
-    with (out / "summary.csv").open() as handle:
-        assert [r["strategy"] for r in csv.DictReader(handle)] == ["fedavg", "fedqsn"]

@@ -114,10 +114,13 @@ def test_integer_given_for_a_float_key_is_accepted():
     assert resolve({}, ROOT, {"learning-rate": 1})["learning-rate"] == 1.0
 
 
-def test_readme_documents_every_key():
-    readme = (ROOT / "README.md").read_text()
+def test_configuration_doc_holds_the_current_generated_key_table():
+    from fedqsn_flwr.app.config import markdown_table, with_table
+
+    document = (ROOT / "docs" / "configuration.md").read_text()
+    assert with_table(document) == document, "run: python -m fedqsn_flwr.app.config"
     for key in SPEC:
-        assert f"| `{key}` |" in readme, key
+        assert f"| `{key}` |" in markdown_table(), key
 
 
 def test_pyproject_components_are_the_root_apps():

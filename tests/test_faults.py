@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
@@ -31,6 +32,7 @@ def _client_app_failing_on(partition: int, overrides: dict) -> ClientApp:
     return app
 
 
+@pytest.mark.slow
 def test_a_clientapp_that_raises_is_excluded_and_the_run_finishes(tmp_path, caplog):
     overrides = {
         "output-dir": str(tmp_path),

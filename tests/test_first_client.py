@@ -5,6 +5,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import numpy as np, torch
@@ -41,6 +43,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_first_client_of_a_process_trains_like_the_next():
     """Found as a bug: the first decode starts numba's OpenMP threads and reset torch's.
 

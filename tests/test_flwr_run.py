@@ -29,8 +29,31 @@ def _listening_pids(port: int) -> list[int]:
     return [int(pid) for pid in out.split()]
 
 
+def _flwr_run(flwr, app, env, run_config, nodes):
+    """``flwr run <app> --stream``; its output and the run's final status."""
+    command = [flwr, "run", str(app), "--stream"]
+    if run_config:
+        command += ["--run-config", run_config]
+    command += ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    match = re.search(r"Successfully started run (\d+)", output)
+    assert match, output[-3000:]
+    listed = subprocess.run(
+        [flwr, "list", "local", "--run-id", match.group(1), "--format", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return output, json.loads(listed.stdout)["runs"][0]["status"]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("lsof") is None, reason="needs lsof to stop the SuperLink")
-def test_flwr_run_stream_completes_and_writes_results(tmp_path):
+def test_flwr_run_stream_runs_this_app_and_the_own_app_example(tmp_path):
+    """``flwr run .`` and ``flwr run examples/own-app`` on one managed local SuperLink."""
     if _port_busy(LOCAL_SUPERLINK_PORT):
         pytest.skip("a local SuperLink is already running on 127.0.0.1:39091; not touching it")
     flwr = str(Path(sys.executable).with_name("flwr"))
@@ -45,39 +68,19 @@ def test_flwr_run_stream_completes_and_writes_results(tmp_path):
         "run-name='via-flwr-run' min-nodes=3"
     )
     try:
-        done = subprocess.run(
-            [
-                flwr,
-                "run",
-                ".",
-                "--stream",
-                "--run-config",
-                run_config,
-                "--federation-config",
-                "num-supernodes=3 client-resources-num-cpus=1",
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        output = done.stdout + done.stderr
-        match = re.search(r"Successfully started run (\d+)", output)
-        assert match, output[-3000:]
-        listed = subprocess.run(
-            [flwr, "list", "local", "--run-id", match.group(1), "--format", "json"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        status = json.loads(listed.stdout)["runs"][0]["status"]
+        output, status = _flwr_run(flwr, ".", env, run_config, nodes=3)
         assert status == "finished:completed", output[-3000:]
         assert "Results written to" in output
         rows = read_metrics(tmp_path / "via-flwr-run" / "metrics.csv")
         assert [int(r["round"]) for r in rows] == [0, 1, 2]
+
+        # the README's own-app example, as a user runs it: standard handlers,
+        # Flower's default evaluation, its own model, data and metric names
+        output, status = _flwr_run(flwr, ROOT / "examples" / "own-app", env, "", nodes=4)
+        assert status == "finished:completed", output[-3000:]
+        accuracy = [float(a) for a in re.findall(r"global accuracy ([0-9.]+)", output)]
+        assert len(accuracy) == 6 and accuracy[-1] > 0.8, output[-3000:]
+        assert "eval_acc" in output and "rejected reply" not in output
     finally:
         for pid in _listening_pids(LOCAL_SUPERLINK_PORT):
             os.kill(pid, 15)

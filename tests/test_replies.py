@@ -171,8 +171,10 @@ def test_bad_evaluate_replies_are_skipped_and_no_examples_means_missing(
     ]
     with caplog.at_level(logging.WARNING):
         metrics = strategy.aggregate_evaluate(1, hostile)
-    assert metrics["accuracy"] == pytest.approx(good["accuracy"])  # only the honest reply
-    assert caplog.text.count("rejected reply") == 2
+    assert metrics["accuracy"] == pytest.approx(good["accuracy"])  # 1e30 is not counted
+    assert caplog.text.count("rejected reply") == 1  # the out-of-range accuracy only
+    # an extra metric is aggregated over nobody: keys all replies share, no reply lost
+    assert "extra" not in metrics and set(metrics) == {"loss", "accuracy"}
     for bad in ({"num-examples": -5, "loss": 1.0, "accuracy": 0.5}, {"loss": 1.0}):
         assert (
             strategy.aggregate_evaluate(1, [_metrics_reply(replies[0], origins[n0], bad)]) is None
@@ -264,3 +266,45 @@ def test_one_huge_finite_update_cannot_blow_up_the_model_by_default(
     moved = math.sqrt(sum(float((new[k] - state[k]).double().pow(2).sum()) for k in state))
     size = math.sqrt(sum(float(t.double().pow(2).sum()) for t in state.values()))
     assert moved < size  # honest replies only: the model moved by less than its own norm
+
+
+def test_a_reply_with_its_own_metric_keys_excludes_no_other_reply(base_config, caplog):
+    """The first reply in partition order cannot make the others' metrics 'wrong'."""
+    strategy, state, config = _strategy(base_config, "fedqsn")
+    grid = LocalGrid(3, config)
+    messages = list(strategy.configure_train(1, ArrayRecord(state), train_config(config), grid))
+    replies = grid.send_and_receive(messages)
+    first = min(replies, key=lambda r: grid.partition(r.metadata.src_node_id))
+    metrics = MetricRecord({**dict(first.content[METRICS_RECORD]), "x": 1.0, "l": [1.0, 2.0]})
+    content = RecordDict({UPDATE_RECORD: first.content[UPDATE_RECORD], METRICS_RECORD: metrics})
+    odd = Message(content, reply_to=messages[replies.index(first)])
+    with caplog.at_level(logging.WARNING):
+        _, aggregated = strategy.aggregate_train(1, [odd if r is first else r for r in replies])
+    assert strategy.round_log[1]["num_aggregated"] == 3 and "rejected" not in caplog.text
+    assert set(aggregated) == {"train-loss"}
+
+
+def test_absurd_example_counts_are_refused_by_the_default_bound(base_config):
+    """FedQSN's library default bounds num-examples: 1e308 cannot swamp the others."""
+    from fedqsn_flwr.core.masking import policy_for_model
+    from fedqsn_flwr.flower.strategies import FedQSN
+
+    _, state, config = _strategy(base_config, "fedqsn")
+    model = build_model("cnn")
+    strategy = FedQSN(
+        policy_for_model(model),
+        server_secret=TEST_SECRET,
+        min_train_nodes=3,
+        min_available_nodes=3,
+    )
+    grid = LocalGrid(3, config)
+    messages = list(strategy.configure_train(1, ArrayRecord(state), train_config(config), grid))
+    replies = grid.send_and_receive(messages)
+    metrics = MetricRecord({**dict(replies[0].content[METRICS_RECORD]), "num-examples": 1e308})
+    content = RecordDict(
+        {UPDATE_RECORD: replies[0].content[UPDATE_RECORD], METRICS_RECORD: metrics}
+    )
+    hostile = [Message(content, reply_to=messages[0]), *replies[1:]]
+    arrays, _ = strategy.aggregate_train(1, hostile)
+    assert strategy.round_log[1]["num_aggregated"] == 2
+    assert all(np.isfinite(a.numpy()).all() for a in arrays.values())

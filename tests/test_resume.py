@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import MessageType
+from flwr.app import Context, MessageType, RecordDict
 
 from fedqsn_flwr.app import server
 from fedqsn_flwr.app.config import validate
@@ -86,6 +86,39 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(base_co
     assert (resumed.directory / "messages.csv").read_text() == (
         full.directory / "messages.csv"
     ).read_text()
+
+
+class RestartedGrid(LocalGrid):
+    """The same partitions under new node ids, as after a restart of every SuperNode."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.contexts = {
+            node_id + 12345: Context(
+                run_id=c.run_id,
+                node_id=node_id + 12345,
+                node_config=dict(c.node_config),
+                state=RecordDict(),
+                run_config={},
+            )
+            for node_id, c in self.contexts.items()
+        }
+
+
+def test_a_resumed_run_accepts_its_partitions_under_new_node_ids(base_config):
+    """Restored partition owners that are gone do not lock their partitions."""
+    full = run_server(LocalGrid(3, _config(base_config, "full")), _config(base_config, "full"))
+    config = _config(base_config, "restarted")
+    with pytest.raises(KeyboardInterrupt):
+        run_server(KilledGrid(3, config, kill_round=3), config)
+    resumed = run_server(RestartedGrid(3, config), config)
+    rows = read_metrics(resumed.directory / "metrics.csv")
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["num_aggregated"] == 3 for r in rows[1:])
+    # masks, sampling and aggregation order follow partitions: the same model
+    a = torch.load(full.directory / "final_model.pt")
+    b = torch.load(resumed.directory / "final_model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resuming_with_another_config_is_refused(base_config):

@@ -23,7 +23,6 @@ from fedqsn_flwr.core.secret import (
     secret_seed,
     store_secret,
 )
-from fedqsn_flwr.experiments.simulation import simulate
 from fedqsn_flwr.flower.proxy import received_model
 from fedqsn_flwr.flower.strategies import FedQSN
 
@@ -140,21 +139,10 @@ def test_hidden_feedback_is_refused_without_a_server_mask():
         build_strategy(config, build_model("cnn"), None)
 
 
-def test_a_client_with_everything_it_receives_cannot_rebuild_the_server_mask(tmp_path):
+@pytest.mark.slow
+def test_a_client_with_everything_it_receives_cannot_rebuild_the_server_mask(saved_run):
     """A real simulation; the "client" holds the run config, node config and every message."""
-    run = simulate(
-        {
-            "output-dir": str(tmp_path),
-            "run-name": "secret",
-            "num-server-rounds": 2,
-            "pretrain-epochs": 1,
-            "local-epochs": 1,
-            "server-mask-ratio": 0.5,
-            "fraction-evaluate": 1.0,
-            "seed": 11,
-        },
-        num_nodes=2,
-    )
+    run = saved_run
     config = yaml.safe_load((run / "config.yaml").read_text())
     secret = (run / SECRET_FILE).read_bytes()
     received = load_saved_messages(run)
@@ -189,3 +177,30 @@ def test_a_client_with_everything_it_receives_cannot_rebuild_the_server_mask(tmp
     )
     for name, units in seen.items():
         assert units <= set(strategy.server_mask[name].tolist())
+
+
+def test_restoring_under_another_secret_is_refused_and_exposure_is_opt_in(base_config):
+    """A new server mask on resume would show clients units hidden so far."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from tests.helpers import LocalGrid
+
+    model = build_model("cnn")
+    policy = policy_for_model(model)
+    options = {"min_train_nodes": 2, "min_available_nodes": 2, "fraction_evaluate": 0.0}
+    strategy = FedQSN(policy, server_secret=from_text("a"), **options)
+    strategy.configure_train(
+        1, ArrayRecord(model.state_dict()), ConfigRecord(), LocalGrid(2, base_config)
+    )
+    state = strategy.checkpoint_state()
+    assert "exposure_seen" not in state  # privacy bookkeeping is off by default
+    with pytest.raises(ValueError, match="another server secret"):
+        FedQSN(policy, server_secret=from_text("b"), **options).restore(state)
+    same = FedQSN(policy, server_secret=from_text("a"), **options)
+    same.restore(state)
+    assert same.completed_rounds == 0
+    tracked = FedQSN(policy, server_secret=from_text("a"), privacy_metrics=True, **options)
+    tracked.configure_train(
+        1, ArrayRecord(model.state_dict()), ConfigRecord(), LocalGrid(2, base_config)
+    )
+    assert "exposure_seen" in tracked.checkpoint_state()

@@ -1,5 +1,6 @@
 """The strategy family: fedavg, fedprox, fedq, fedsn, fedqsn built from the config."""
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
@@ -81,3 +82,43 @@ def test_fedq_quantizes_everything_and_masks_nothing(base_config):
     strategy, _ = _run(base_config, strategy="fedq")
     assert not strategy.policy.unit_axes and strategy.bit_width == 4
     assert strategy.server_mask == {}
+
+
+def test_fedavg_keeps_integer_buffers_integer_across_rounds(base_config):
+    """Flower averages BatchNorm's int64 counter into float64; the next round must still fit."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedqsn_flwr.flower.strategies import MeasuredFedAvg
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    strategy = MeasuredFedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
+
+    class EchoGrid:
+        def get_node_ids(self):
+            return [11, 22]
+
+        def send_and_receive(self, messages, timeout=None):
+            replies = []
+            for message in messages:
+                if message.metadata.message_type != "train":
+                    continue
+                arrays = ArrayRecord(
+                    {
+                        k: Array(np.asarray(v.numpy() + (1 if v.numpy().dtype.kind == "f" else 2)))
+                        for k, v in message.content["arrays"].items()
+                    }
+                )
+                metrics = MetricRecord({"num-examples": 5})
+                replies.append(
+                    Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+                )
+            return replies
+
+    grid = EchoGrid()
+    arrays = ArrayRecord(model.state_dict())
+    for server_round in (1, 2, 3):
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        assert strategy.round_log[server_round]["num_aggregated"] == 2
+    counter = arrays["1.num_batches_tracked"].numpy()
+    assert counter.dtype == np.int64 and counter.shape == () and int(counter) == 6

@@ -32,6 +32,7 @@ def _text_folder(folder, n=160):
     return folder
 
 
+@pytest.mark.slow
 def test_transformer_on_a_text_file_in_a_real_simulation(tmp_path):
     data = _text_folder(tmp_path / "reviews")
     secret = tmp_path / "server.secret"

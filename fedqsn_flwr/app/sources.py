@@ -10,7 +10,7 @@ built for. :mod:`fedqsn_flwr.app.splits` then splits and partitions it.
   empty, through flwr-datasets' ``FederatedDataset`` from the Hugging Face Hub
   (needs network the first time; then the Hugging Face cache); with ``data-dir``
   set, through torchvision's dataset classes from that folder, offline
-  (``download=False``; layouts in the README).
+  (``download=False``; layouts in docs/configuration.md).
 * ``ag-news``, ``sst2`` -- text classification through ``FederatedDataset``.
 * ``text`` -- a local ``train.csv`` or ``train.jsonl`` (``text``, ``label``
   columns; optional ``test.csv``/``test.jsonl``) in ``data-dir``.
@@ -285,7 +285,8 @@ def load_torchvision(key: DataKey) -> RawData:
         )
         raise DataError(
             f"dataset '{key.dataset}' not found under data-dir '{root}' ({err}); "
-            f"see the README for the folder layout torchvision expects{checksums}"
+            "see docs/configuration.md (Data sets and models) for the folder layout "
+            f"torchvision expects{checksums}"
         ) from err
 
     def images(ds: Any) -> torch.Tensor:

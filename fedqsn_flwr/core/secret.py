@@ -75,6 +75,15 @@ def secret_seed(secret: bytes, purpose: str, *keys: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def secret_digest(secret: bytes) -> str:
+    """A fingerprint of ``secret`` for server-side checkpoints (tells secrets apart only).
+
+    Keyed BLAKE2b of a fixed label: it reveals nothing usable about the secret,
+    and no seed :func:`secret_seed` derives equals it.
+    """
+    return hashlib.blake2b(b"checkpoint-digest", key=secret, digest_size=16).hexdigest()
+
+
 def read_secret_file(path: str | Path) -> bytes:
     """The secret a ``server-secret-file`` names (its bytes, hashed)."""
     file = Path(path).expanduser()

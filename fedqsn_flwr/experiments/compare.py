@@ -1,7 +1,7 @@
 r"""Compare strategies (and sweep FedQSN's knobs) on the same data, seeds and start model.
 
-    python -m fedqsn_flwr.experiments.compare --config configs/compare/strategies.yaml --out results/cmp
-    python -m fedqsn_flwr.experiments.compare --config configs/compare/ablation.yaml --out results/abl \\
+    fedqsn-compare --config configs/compare/strategies.yaml --out results/cmp
+    fedqsn-compare --config configs/compare/ablation.yaml --out results/abl \\
         num-server-rounds=5 --seeds 0
 
 A comparison preset is a YAML mapping:

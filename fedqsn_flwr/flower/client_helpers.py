@@ -48,6 +48,7 @@ def load_received(model: torch.nn.Module, content: RecordDict, arrays_key: str =
         The message holds neither a proxy nor ``arrays_key``.
     ValueError
         The proxy does not fit ``model`` (another architecture) or is malformed.
+
     """
     if PROXY_RECORD in content.array_records:
         return decode_proxy(content[PROXY_RECORD], content[LAYOUT_RECORD], into=model.state_dict())
@@ -108,20 +109,22 @@ def train_reply(
     num_examples: int,
     metrics: Mapping[str, float] | None = None,
     feedback: ArrayRecord | None = None,
+    weight_key: str = NUM_EXAMPLES_KEY,
 ) -> Message:
     """The reply to a train message after training ``model`` on ``num_examples``.
 
     For a FedQSN proxy: the update of the visible units only, encoded as the
     server asked (``"update"``); for FedAvg: the trained arrays under the key
     they came in. ``metrics`` (numbers) are added to the reply's metrics next
-    to ``num-examples``, which weighs the reply in aggregation; ``feedback`` is
-    a hidden-unit feedback record (this project's app only).
+    to ``num_examples`` under ``weight_key`` (the strategy's ``weighted_by_key``,
+    ``"num-examples"`` by default), which weighs the reply in aggregation;
+    ``feedback`` is a hidden-unit feedback record (this project's app only).
     """
     if received.arrays_key is None:
         content = RecordDict({UPDATE_RECORD: encode_update(model.state_dict(), received)})
     else:
         content = RecordDict({received.arrays_key: ArrayRecord(model.state_dict())})
-    content[METRICS_RECORD] = MetricRecord({NUM_EXAMPLES_KEY: num_examples, **(metrics or {})})
+    content[METRICS_RECORD] = MetricRecord({weight_key: num_examples, **(metrics or {})})
     if feedback is not None:
         content[FEEDBACK_RECORD] = feedback
     return Message(content, reply_to=message)

@@ -50,7 +50,6 @@ from fedqsn_flwr.flower.strategies.utils import (
     MetricsAggrFn,
     StateEvaluateFn,
     aggregate_metrics,
-    check_consistent,
     l2_norm,
     message_bytes,
     shifted_result,
@@ -89,7 +88,8 @@ class MeasuredFedAvg(FedAvg):
     evaluate_metrics_aggr_fn : MetricsAggrFn, optional
         Aggregates the valid evaluate replies' metrics (same default).
     seed : int (default: 0)
-        Seed of node sampling (and, in subclasses, of masks).
+        Seed of node sampling (public: clients may know it; masks come from
+        FedQSN's server secret, never from it).
     proxy_evaluate_fn : StateEvaluateFn, optional
         Called in ``configure_train`` on the model each client receives, decoded
         from the actual message; the mean goes into ``round_log[r]["proxy_accuracy"]``.
@@ -97,8 +97,10 @@ class MeasuredFedAvg(FedAvg):
         Called with ``(server_round, partition_id, message)`` for every training
         and evaluation message sent (e.g. to save what clients received, for the
         attacks).
-    max_num_examples : float (default: inf)
-        Replies claiming more examples than this are rejected.
+    max_num_examples : float (default: 1e9)
+        Replies claiming more examples than this are rejected (a finite bound
+        keeps one client's claimed weight from swamping the others' and the sums
+        finite).
     max_update_norm_ratio : float (default: 10.0)
         Robustness to a single hostile client: an update (reply minus what was
         sent, in global units) whose L2 norm exceeds this many times the global
@@ -112,7 +114,7 @@ class MeasuredFedAvg(FedAvg):
 
     """
 
-    def __init__(  # noqa: PLR0913 (FedAvg's options, then this strategy's)
+    def __init__(
         self,
         *,
         fraction_train: float = 1.0,
@@ -128,7 +130,7 @@ class MeasuredFedAvg(FedAvg):
         seed: int = 0,
         proxy_evaluate_fn: StateEvaluateFn | None = None,
         message_sink: MessageSink | None = None,
-        max_num_examples: float = math.inf,
+        max_num_examples: float = 1e9,
         max_update_norm_ratio: float = 10.0,
     ) -> None:
         super().__init__(
@@ -162,6 +164,9 @@ class MeasuredFedAvg(FedAvg):
         #: Rounds a restored checkpoint had finished (see :meth:`restore`).
         self.completed_rounds = 0
         self._restored = False
+        # The last round whose evaluation was aggregated (Flower's loop calls
+        # aggregate_evaluate every round, even with nothing to evaluate).
+        self._last_round = 0
         # Added to Flower's round numbers while start() runs a resumed run.
         self._round_offset = 0
 
@@ -174,7 +179,7 @@ class MeasuredFedAvg(FedAvg):
             "num_partitions": self.num_partitions,
             "round_log": {r: dict(v) for r, v in self.round_log.items()},
             "message_log": [asdict(e) for e in self.message_log],
-            "completed_rounds": max(self.round_log, default=0),
+            "completed_rounds": self._last_round,
         }
 
     def restore(
@@ -186,6 +191,7 @@ class MeasuredFedAvg(FedAvg):
         """
         rounds = [int(r) for r in state["round_log"]]
         self.completed_rounds = int(state.get("completed_rounds", max(rounds, default=0)))
+        self._last_round = self.completed_rounds
         self._restored = True
         self.partition_ids = dict(state["partition_ids"])
         self.num_partitions = int(state["num_partitions"])
@@ -249,13 +255,18 @@ class MeasuredFedAvg(FedAvg):
             )
         finally:
             self._round_offset = 0
+            self._restored = False  # a later start() begins a new run
         return shifted_result(result, offset)
 
     # -- sampling ---------------------------------------------------------------
 
     def _learn_partition_ids(self, grid: Grid, node_ids: list[int]) -> None:
-        """Ask nodes not seen before for their partition id (falls back to node id)."""
-        unknown = [n for n in node_ids if n not in self.partition_ids]
+        """Ask nodes not seen before for their partition id (falls back to node id).
+
+        A partition whose node is no longer connected (it restarted under a new
+        node id, or the run was resumed) goes to the node that claims it now.
+        """
+        unknown = [n for n in node_ids if n not in self.partition_ids and n not in self.refused]
         if not unknown:
             return
         queries = [
@@ -280,9 +291,11 @@ class MeasuredFedAvg(FedAvg):
                 self._refuse(node_id, f"bad partition claim: {reason(err)}")
                 continue
             owner = next((n for n, p in self.partition_ids.items() if p == partition), None)
-            if owner is not None and owner != node_id:
+            if owner is not None and owner != node_id and owner in node_ids:
                 self._refuse(node_id, f"partition-id {partition} is already node {owner}'s")
                 continue
+            if owner is not None and owner != node_id:
+                del self.partition_ids[owner]  # its node is gone
             self.partition_ids[node_id] = partition
             self.num_partitions = max(self.num_partitions, partitions)
         for node_id in unknown:
@@ -297,11 +310,20 @@ class MeasuredFedAvg(FedAvg):
         self, grid: Grid, server_round: int, fraction: float, min_nodes: int, purpose: int
     ) -> list[int]:
         wanted = max(self.min_available_nodes, min_nodes)
-        while len(all_nodes := sorted(grid.get_node_ids())) < wanted:
-            log(INFO, "Waiting for nodes: %d connected (need %d)", len(all_nodes), wanted)
+        while True:
+            all_nodes = sorted(grid.get_node_ids())
+            self._learn_partition_ids(grid, all_nodes)
+            allowed = [n for n in all_nodes if n not in self.refused]
+            if len(allowed) >= wanted:
+                break
+            log(
+                INFO,
+                "Waiting for nodes: %d connected, %d refused (need %d)",
+                len(all_nodes),
+                len(all_nodes) - len(allowed),
+                wanted,
+            )
             time.sleep(1)
-        self._learn_partition_ids(grid, all_nodes)
-        allowed = [n for n in all_nodes if n not in self.refused]
         ordered = sorted(allowed, key=lambda n: (self.partition_ids[n], n))
         size = min(len(ordered), max(int(len(ordered) * fraction), min_nodes))
         rng = random.Random(derive_seed("sampling", self.seed, server_round, purpose))
@@ -470,11 +492,9 @@ class MeasuredFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg over the replies that pass :meth:`_checked_model` and the norm bounds."""
         checked: list[tuple[Message, RecordDict]] = []
-        lengths: dict[str, int | None] = {}
         for message in replies:
             try:
                 record = self._checked_model(message)[0]
-                check_consistent(record[METRICS_RECORD], lengths)
                 checked.append((message, record))
             except Exception as err:  # one bad reply is skipped, never the round
                 self._reject(server_round, message, reason(err))
@@ -494,8 +514,36 @@ class MeasuredFedAvg(FedAvg):
         if not records:
             log(WARNING, "Round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        arrays = aggregate_arrayrecords(records, self.weighted_by_key)
+        arrays = self._as_global(aggregate_arrayrecords(records, self.weighted_by_key))
+        if arrays is None:
+            self._unchanged(server_round)
+            return None, None
         return arrays, self._train_metrics([r[METRICS_RECORD] for r in records])
+
+    def _as_global(self, arrays: ArrayRecord) -> ArrayRecord | None:
+        """Flower's aggregate in the global model's dtypes; None if not finite.
+
+        Flower averages integer arrays (e.g. BatchNorm's batch counter) into
+        float64: they are rounded back, or every later reply would be refused
+        for its dtype.
+        """
+        out: dict[str, Array] = {}
+        for name, array in arrays.items():
+            values, dtype = array.numpy(), self._global_values[name].dtype
+            if dtype.kind in "fc" and not np.isfinite(values).all():
+                return None
+            if dtype.kind in "iub":
+                values = np.rint(values)
+            out[name] = Array(np.array(values, dtype=dtype, order="C"))
+        return ArrayRecord(out)
+
+    @staticmethod
+    def _unchanged(server_round: int) -> None:
+        log(
+            WARNING,
+            "Round %d: the aggregate is not finite; the global model is unchanged",
+            server_round,
+        )
 
     def _train_metrics(self, metrics: list[MetricRecord]) -> MetricRecord | None:
         """``train_metrics_aggr_fn`` over the aggregated replies' checked metrics."""
@@ -581,11 +629,11 @@ class MeasuredFedAvg(FedAvg):
         federated evaluation is recorded as missing.
         """
         server_round += self._round_offset
+        self._last_round = server_round
         replies = list(replies)
         self._record(server_round, replies, "up")
         replies = self._ordered(self._first_sampled(server_round, replies, MessageType.EVALUATE))
         valid: list[MetricRecord] = []
-        lengths: dict[str, int | None] = {}
         for message in replies:
             if message.has_error():
                 continue
@@ -593,7 +641,6 @@ class MeasuredFedAvg(FedAvg):
                 metrics = checked_metrics(
                     message, self.weighted_by_key, self.max_num_examples, False
                 )
-                check_consistent(metrics, lengths)
             except Exception as err:  # one bad reply is skipped, never the round
                 self._reject(server_round, message, reason(err))
                 continue

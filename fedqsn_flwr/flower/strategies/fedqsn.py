@@ -28,7 +28,7 @@ from fedqsn_flwr.core.masking import (
     draw_client_mask,
     draw_server_mask,
 )
-from fedqsn_flwr.core.secret import new_secret, secret_seed
+from fedqsn_flwr.core.secret import new_secret, secret_digest, secret_seed
 from fedqsn_flwr.flower.privacy import ExposureTracker, SimilarityReference, unit_factors
 from fedqsn_flwr.flower.protocol import (
     FEEDBACK_RECORD,
@@ -54,7 +54,6 @@ from fedqsn_flwr.flower.strategies.fedavg import MeasuredFedAvg
 from fedqsn_flwr.flower.strategies.utils import (
     EVALUATE,
     TRAIN,
-    check_consistent,
     l2_norm,
 )
 
@@ -274,7 +273,7 @@ class FedQSN(MeasuredFedAvg):
         self._model_norm = l2_norm(floats)
         if self.hidden_feedback:
             self._prepare_feedback(config)
-        if self._exposure is None:
+        if self._exposure is None and self.privacy_metrics:
             self._exposure = ExposureTracker(self._global, self.policy)
         state = self._on_device(arrays, self._global)
         layout = self._layout(state)
@@ -318,7 +317,7 @@ class FedQSN(MeasuredFedAvg):
                 self._exposure.add(proxy)
             for key, value in found.items():
                 sims[key] = sims.get(key, 0.0) + value / len(node_ids)
-        if messages and self.privacy_metrics:
+        if messages and self._exposure is not None:
             self._log_round(server_round, **sims, exposure=self._exposure.exposure)
         if accuracies:
             self._log_round(server_round, proxy_accuracy=sum(accuracies) / len(accuracies))
@@ -377,8 +376,13 @@ class FedQSN(MeasuredFedAvg):
         return apply_feedback(state, self.policy, self._server_hidden, direction, step)
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Adds which parameters clients have seen (exposure) to the base state."""
+        """Adds a digest of the server secret and, with privacy metrics, the exposure.
+
+        The digest lets :meth:`restore` refuse another secret: resuming under a
+        new server mask would show clients units the run has hidden so far.
+        """
         state = super().checkpoint_state()
+        state["secret_digest"] = secret_digest(self.server_secret)
         if self._exposure is not None:
             state["exposure_seen"] = {n: m.clone() for n, m in self._exposure.seen.items()}
         return state
@@ -386,7 +390,21 @@ class FedQSN(MeasuredFedAvg):
     def restore(
         self, state: Mapping[str, Any], global_state: Mapping[str, torch.Tensor] | None = None
     ) -> None:
-        """Take back a checkpoint; ``global_state`` shapes the exposure tracker."""
+        """Take back a checkpoint; ``global_state`` shapes the exposure tracker.
+
+        Raises
+        ------
+        ValueError
+            The checkpoint was taken under another server secret.
+
+        """
+        if state.get("secret_digest", secret_digest(self.server_secret)) != secret_digest(
+            self.server_secret
+        ):
+            raise ValueError(
+                "the checkpoint was taken under another server secret: resuming with a new "
+                "server mask would show clients units hidden so far; pass the run's server_secret"
+            )
         super().restore(state)
         if "exposure_seen" in state and global_state is not None:
             self._exposure = ExposureTracker(global_state, self.policy)
@@ -396,7 +414,7 @@ class FedQSN(MeasuredFedAvg):
     def exposure_bound(self) -> float:
         """The most exposure the server mask allows (see :mod:`fedqsn_flwr.flower.privacy`)."""
         if self._exposure is None:
-            raise RuntimeError("no proxy has been sent yet")
+            raise RuntimeError("exposure is tracked with privacy_metrics=True, once proxies go out")
         return self._exposure.bound(self.server_mask_ratio)
 
     def _evaluate_messages(
@@ -468,11 +486,9 @@ class FedQSN(MeasuredFedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[tuple[Message, ClientUpdate]] = []
         metrics: dict[int, MetricRecord] = {}
-        lengths: dict[str, int | None] = {}
         for message in replies:
             try:
                 update, metrics[id(message)] = self._client_update(message)
-                check_consistent(metrics[id(message)], lengths)
                 accepted.append((message, update))
             except Exception as err:  # one bad reply is skipped, never the round
                 self._reject(server_round, message, reason(err))
@@ -486,4 +502,7 @@ class FedQSN(MeasuredFedAvg):
         state = self._aggregate_on_device(updates)
         if self.hidden_feedback:
             state = self._with_feedback(state, accepted)
+        if not all(bool(t.isfinite().all()) for t in state.values() if t.is_floating_point()):
+            self._unchanged(server_round)
+            return None, None
         return ArrayRecord(state), self._train_metrics([metrics[id(m)] for m, _ in accepted])

@@ -13,7 +13,6 @@ from flwr.common.serde import message_to_proto
 from flwr.serverapp.strategy import Result
 
 from fedqsn_flwr.flower.protocol import METRICS_RECORD
-from fedqsn_flwr.flower.proxy import InvalidUpdate
 
 #: Called with a model state the clients receive; returns its accuracy.
 StateEvaluateFn = Callable[[Mapping[str, torch.Tensor]], float]
@@ -53,34 +52,33 @@ class MessageEntry:
     num_bytes: int
 
 
-def check_consistent(metrics: MetricRecord, expected: dict[str, int | None]) -> None:
-    """Refuse metrics whose keys or list lengths differ from the round's first reply.
+def common_metrics(metrics: list[MetricRecord]) -> list[MetricRecord]:
+    """``metrics`` restricted to the keys every one holds, with equal list lengths.
 
-    ``expected`` is empty for the round's first reply and filled from it: Flower's
-    weighted mean would silently mix replies with other keys and fail on lists
-    of other lengths.
+    Flower's weighted mean would silently mix replies holding other keys and
+    fail on lists of other lengths; a client adding or dropping a metric only
+    takes that metric out of the round's aggregate, never another reply.
     """
-    shape = {k: len(v) if isinstance(v, list) else None for k, v in metrics.items()}
-    if not expected:
-        expected.update(shape)
-        return
-    if set(shape) != set(expected):
-        raise InvalidUpdate(
-            f"metrics {sorted(shape)} differ from the round's first reply's {sorted(expected)}"
-        )
-    for key, length in shape.items():
-        if length != expected[key]:
-            raise InvalidUpdate(f"metric '{key}' differs in length from the round's first reply")
+    if not metrics:
+        return []
+    shapes = [{k: len(v) if isinstance(v, list) else None for k, v in m.items()} for m in metrics]
+    keys = set.intersection(*(set(shape) for shape in shapes))
+    keys = {k for k in keys if len({shape[k] for shape in shapes}) == 1}
+    return [MetricRecord({k: v for k, v in m.items() if k in keys}) for m in metrics]
 
 
 def aggregate_metrics(
     aggr_fn: MetricsAggrFn, metrics: list[MetricRecord], weight_key: str
 ) -> MetricRecord | None:
-    """``aggr_fn`` over the replies that carry weight (None when none does)."""
+    """``aggr_fn`` over the replies that carry weight, on their common keys.
+
+    None when no reply carries weight.
+    """
     weighted = [m for m in metrics if float(m[weight_key]) > 0]  # type: ignore[arg-type]
     if not weighted:
         return None
-    return aggr_fn([RecordDict({METRICS_RECORD: m}) for m in weighted], weight_key)
+    records = [RecordDict({METRICS_RECORD: m}) for m in common_metrics(weighted)]
+    return aggr_fn(records, weight_key)
 
 
 def shifted_result(result: Result, offset: int) -> Result:
