@@ -90,10 +90,16 @@ def test_shipped_comparison_presets_expand():
 def test_compare_runs_every_strategy_resumes_after_an_interrupt_and_summarises(
     tmp_path, monkeypatch, capsys
 ):
-    """One comparison of the five strategies, interrupted at its third run and resumed."""
-    import fedqsn_flwr.experiments.simulation as simulation
+    """One comparison of the five strategies, interrupted at its third run and resumed.
 
-    real = simulation.simulate
+    The federations run in-process (the app's server and client code over an
+    in-process grid, :func:`run_in_process`): what is tested here is the
+    comparison tool; Flower's engine is tested in test_simulation.py.
+    """
+    import fedqsn_flwr.experiments.simulation as simulation
+    from fedqsn_flwr.experiments.inprocess import run_in_process
+
+    real = run_in_process
     calls = []
 
     def interrupted_third(config, num_nodes):
@@ -107,6 +113,7 @@ def test_compare_runs_every_strategy_resumes_after_an_interrupt_and_summarises(
         strategies=["fedavg", "fedprox", "fedq", "fedsn", "fedqsn"],
         seeds=[3],
         nodes=2,
+        **{"attack-epochs": 2},
         config={
             "num-server-rounds": 1,
             "pretrain-epochs": 5,
