@@ -51,3 +51,8 @@ def saved_run(tmp_path_factory):
         },
         num_nodes=2,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: with two workers the quick ones then fill the gaps at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -139,6 +139,7 @@ def test_privacy_metrics_are_deterministic(base_config):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("saved_run")  # one worker builds the shared run
 def test_attack_command_on_a_real_run_is_deterministic(saved_run, capsys):
     run = saved_run
     assert main(["--run", str(run), "--epochs", "2", "--max-clients", "2"]) == 0

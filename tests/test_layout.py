@@ -60,6 +60,7 @@ def test_library_installs_without_the_app_and_experiment_packages():
     assert {"app", "experiments", "bench", "dev"} <= set(project["optional-dependencies"])
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_library_imports_and_runs_with_the_extras_missing():
     """Import the library and build a FedQSN round with every extra-only package blocked."""
     code = f"""

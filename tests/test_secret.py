@@ -140,6 +140,7 @@ def test_hidden_feedback_is_refused_without_a_server_mask():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("saved_run")  # one worker builds the shared run
 def test_a_client_with_everything_it_receives_cannot_rebuild_the_server_mask(saved_run):
     """A real simulation; the "client" holds the run config, node config and every message."""
     run = saved_run

@@ -9,6 +9,9 @@ import torch
 from fedqsn_flwr.app.results import METRIC_COLUMNS, read_metrics
 from fedqsn_flwr.experiments.simulation import simulate as run_federation
 
+# the module's fixture runs once per worker: keep its tests on one (pytest-xdist)
+pytestmark = pytest.mark.xdist_group("scratch_runs")
+
 # every measured column but sizes and times
 ACCURACY_COLUMNS = [c for c in METRIC_COLUMNS if not c.startswith("bytes") and "seconds" not in c]
 
