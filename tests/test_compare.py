@@ -72,9 +72,13 @@ def test_shipped_comparison_presets_expand():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs" / "compare"
+    for preset in root.glob("*.yaml"):  # every shipped preset loads
+        assert load_plan(preset).runs, preset
     assert len(load_plan(root / "strategies.yaml").runs) == 12
     assert len(load_plan(root / "ablation.yaml").runs) == 18 * 3
     assert len(load_plan(root / "scarce-data.yaml").runs) == 6
+    bits = load_plan(root / "update-bits.yaml")
+    assert [r.overrides["update-bit-width"] for r in bits.runs[::3]] == [32, 16, 8, 4]
     flagship = load_plan(root / "proprietary.yaml")
     assert len(flagship.runs) == 9 * 3 and flagship.attack_epochs == 30
     variants = {(r.strategy, r.value) for r in flagship.runs}

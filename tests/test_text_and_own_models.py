@@ -8,7 +8,7 @@ import torch
 from fedqsn_flwr.app.config import DEFAULTS, ConfigError, validate
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
 from fedqsn_flwr.app.server import initial_model, server_data
-from fedqsn_flwr.experiments.simulation import simulate
+from fedqsn_flwr.experiments.inprocess import run_in_process
 from tests.helpers import TEST_SECRET
 
 WORDS = {
@@ -32,12 +32,13 @@ def _text_folder(folder, n=160):
     return folder
 
 
-@pytest.mark.slow
-def test_transformer_on_a_text_file_in_a_real_simulation(tmp_path):
+@pytest.mark.slow  # a whole federation (in-process)
+def test_transformer_on_a_text_file_end_to_end(tmp_path):
+    """The app's server and client code over an in-process grid (Ray: test_simulation)."""
     data = _text_folder(tmp_path / "reviews")
     secret = tmp_path / "server.secret"
     secret.write_text("text simulation")  # a reproducible run: fixed masks and start model
-    run = simulate(
+    run = run_in_process(
         {
             "server-secret-file": str(secret),
             "output-dir": str(tmp_path / "out"),
