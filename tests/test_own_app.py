@@ -112,15 +112,19 @@ def test_own_app_trains_and_evaluates_with_flower_defaults(own_app, capsys, capl
     assert all("arrays" not in m.content.array_records for m in evaluated)
 
 
-def test_freeze_hidden_keeps_hidden_entries_zero_with_adam(own_app):
-    client_app, _, task = own_app
+def _first_proxy(client_app, task):
+    """A FedQSN (p1 = 0.3, p2 = 0.2) training message for the example's model."""
     torch.manual_seed(0)
     model = task.Net()
     strategy = FedQSN(policy_for_model(model), server_mask_ratio=0.3, client_mask_ratio=0.2)
     grid = HandlerGrid(client_app, 2, _run_config())
-    message = next(
-        iter(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), grid))
-    )
+    start = ArrayRecord(model.state_dict())
+    return model, strategy, next(iter(strategy.configure_train(1, start, ConfigRecord(), grid)))
+
+
+def test_freeze_hidden_keeps_hidden_entries_zero_with_adam(own_app):
+    client_app, _, task = own_app
+    _, _, message = _first_proxy(client_app, task)
     x, y = task.load_data(0, 2)
     for frozen in (True, False):
         net = task.Net()
@@ -145,13 +149,7 @@ def test_freeze_hidden_keeps_hidden_entries_zero_with_adam(own_app):
 
 def test_train_reply_is_the_visible_update_and_plain_arrays_for_fedavg(own_app):
     client_app, _, task = own_app
-    torch.manual_seed(0)
-    model = task.Net()
-    strategy = FedQSN(policy_for_model(model), server_mask_ratio=0.3, client_mask_ratio=0.2)
-    grid = HandlerGrid(client_app, 2, _run_config())
-    message = next(
-        iter(strategy.configure_train(1, ArrayRecord(model.state_dict()), ConfigRecord(), grid))
-    )
+    model, strategy, message = _first_proxy(client_app, task)
     net = task.Net()
     received = load_received(net, message.content)
     start = {k: v.clone() for k, v in net.state_dict().items()}
