@@ -508,6 +508,7 @@ def _large_strategy(name: str, model: nn.Module, num_nodes: int) -> Any:
         block_size=BLOCK_SIZE,
         seed=0,
         server_secret=BENCH_SECRET,
+        privacy_metrics=True,  # the app's setting (the library's default is off)
         **common,
     )
 
