@@ -308,3 +308,13 @@ def test_absurd_example_counts_are_refused_by_the_default_bound(base_config):
     arrays, _ = strategy.aggregate_train(1, hostile)
     assert strategy.round_log[1]["num_aggregated"] == 2
     assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+def test_a_refused_node_neither_stalls_the_round_nor_is_sampled(base_config, caplog):
+    """min-nodes = every connected node, one of them refused: the round goes on without it."""
+    strategy, state, config = _strategy(base_config, "fedqsn", nodes=3)
+    grid = ClaimingGrid(3, config, liar=2, claim={"partition-id": 0, "num-partitions": 3})
+    with caplog.at_level(logging.WARNING):
+        messages = list(strategy.configure_train(1, ArrayRecord(state), train_config(config), grid))
+    assert len(messages) == 2 and len(strategy.refused) == 1
+    assert "2 of 3 connected nodes may be sampled (min 3)" in caplog.text

@@ -314,7 +314,8 @@ class MeasuredFedAvg(FedAvg):
             all_nodes = sorted(grid.get_node_ids())
             self._learn_partition_ids(grid, all_nodes)
             allowed = [n for n in all_nodes if n not in self.refused]
-            if len(allowed) >= wanted:
+            # as Flower: wait for enough connected nodes; never sample nobody
+            if len(all_nodes) >= wanted and allowed:
                 break
             log(
                 INFO,
@@ -324,6 +325,15 @@ class MeasuredFedAvg(FedAvg):
                 wanted,
             )
             time.sleep(1)
+        if len(allowed) < min_nodes:
+            log(
+                WARNING,
+                "Round %d: %d of %d connected nodes may be sampled (min %d): the rest are refused",
+                server_round,
+                len(allowed),
+                len(all_nodes),
+                min_nodes,
+            )
         ordered = sorted(allowed, key=lambda n: (self.partition_ids[n], n))
         size = min(len(ordered), max(int(len(ordered) * fraction), min_nodes))
         rng = random.Random(derive_seed("sampling", self.seed, server_round, purpose))
