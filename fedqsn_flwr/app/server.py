@@ -282,7 +282,6 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
         checkpoint = recorder.checkpoint
         initial = ArrayRecord(checkpoint["global"])
         strategy.restore(checkpoint["strategy"], checkpoint["global"])
-        strategy.completed_rounds = int(checkpoint["round"])
         log(INFO, "Resuming from %s after round %d", recorder.checkpoint_path, checkpoint["round"])
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -33,6 +33,7 @@ from fedqsn_flwr.flower.privacy import ExposureTracker, SimilarityReference, uni
 from fedqsn_flwr.flower.protocol import (
     FEEDBACK_RECORD,
     LAYOUT_RECORD,
+    METRICS_RECORD,
     PROXY_RECORD,
     UPDATE_RECORD,
 )
@@ -428,13 +429,13 @@ class FedQSN(MeasuredFedAvg):
                 state, server_round, node_id, config, MessageType.EVALUATE, EVALUATE, layout
             )
             messages.append(message)
-            if self.privacy_metrics and self._exposure is not None:
+            if self._exposure is not None:
                 # evaluation proxies carry other client masks: they count as exposed too
                 # (marking them needs the units each carries, not the decoded values)
                 content = message.content
                 for _ in self._exposed_pieces(content[PROXY_RECORD], content[LAYOUT_RECORD]):
                     pass
-        if messages and self.privacy_metrics and self._exposure is not None:
+        if messages and self._exposure is not None:
             self._log_round(server_round, exposure=self._exposure.exposure)
         return messages
 
@@ -451,7 +452,7 @@ class FedQSN(MeasuredFedAvg):
         )
         return [pair for pair, k in zip(accepted, keep, strict=True) if k]
 
-    def _client_update(self, message: Message) -> tuple[ClientUpdate, MetricRecord]:
+    def _client_update(self, message: Message) -> ClientUpdate:
         """Validate one reply and turn it into a :class:`ClientUpdate`."""
         node_id = message.metadata.src_node_id
         spec = self._sent.get(node_id)
@@ -465,7 +466,7 @@ class FedQSN(MeasuredFedAvg):
         deltas = decode_update(content.array_records[UPDATE_RECORD], spec, self.policy)
         if self.hidden_feedback:
             self._feedback[node_id] = self._client_feedback(node_id, content, spec, float(weight))
-        return ClientUpdate(deltas=deltas, visible=spec.visible, weight=weight), metrics
+        return ClientUpdate(deltas=deltas, visible=spec.visible, weight=weight)
 
     def _aggregate_on_device(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
@@ -485,11 +486,9 @@ class FedQSN(MeasuredFedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[tuple[Message, ClientUpdate]] = []
-        metrics: dict[int, MetricRecord] = {}
         for message in replies:
             try:
-                update, metrics[id(message)] = self._client_update(message)
-                accepted.append((message, update))
+                accepted.append((message, self._client_update(message)))
             except Exception as err:  # one bad reply is skipped, never the round
                 self._reject(server_round, message, reason(err))
         accepted = self._without_outliers(server_round, accepted)
@@ -505,4 +504,6 @@ class FedQSN(MeasuredFedAvg):
         if not all(bool(t.isfinite().all()) for t in state.values() if t.is_floating_point()):
             self._unchanged(server_round)
             return None, None
-        return ArrayRecord(state), self._train_metrics([metrics[id(m)] for m, _ in accepted])
+        # the metrics were checked with the update (_client_update)
+        metrics = [m.content.metric_records[METRICS_RECORD] for m, _ in accepted]
+        return ArrayRecord(state), self._train_metrics(metrics)
