@@ -139,7 +139,7 @@ def test_text_csv_and_jsonl_are_tokenized_without_a_vocabulary(tmp_path):
 
 def test_text_rows_without_label_are_refused(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"text": "no label"}) + "\n")
-    with pytest.raises(DataError, match="'text' and 'label'"):
+    with pytest.raises(DataError, match=r"row 1 has no \['label'\]"):
         load_raw(DataKey("text", data_dir=str(tmp_path)))
 
 

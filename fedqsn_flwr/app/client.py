@@ -11,7 +11,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.sources import data_key
 from fedqsn_flwr.app.splits import Split, input_spec, load_client_data
-from fedqsn_flwr.app.training import evaluate, loss_gradient, pick_device, train
+from fedqsn_flwr.app.training import evaluate, loss_gradient, perplexity, pick_device, train
 from fedqsn_flwr.core.masking import derive_seed
 from fedqsn_flwr.flower.client_helpers import load_received, train_reply
 from fedqsn_flwr.flower.protocol import (
@@ -104,6 +104,7 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
         ),
         frozen=proxy.hidden_masks(),
         proximal_mu=float(settings.get("proximal-mu", 0.0)),
+        optimizer=str(settings.get("optimizer", config["optimizer"])),
     )
     return train_reply(
         message, model, proxy, len(train_split), {TRAIN_LOSS_KEY: loss}, feedback=feedback
@@ -117,5 +118,8 @@ def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any
     load_received(model, message.content)
     torch.set_num_threads(1)  # after decoding (see handle_train)
     loss, accuracy = evaluate(model, eval_split)
-    metrics = MetricRecord({NUM_EXAMPLES_KEY: len(eval_split), "loss": loss, "accuracy": accuracy})
+    values = {NUM_EXAMPLES_KEY: len(eval_split), "loss": loss, "accuracy": accuracy}
+    if eval_split.y.dim() == 2:  # token targets: a language model
+        values["perplexity"] = perplexity(loss)
+    metrics = MetricRecord(values)
     return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)

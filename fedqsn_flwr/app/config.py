@@ -25,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from fedqsn_flwr.app.huggingface import is_hf
 from fedqsn_flwr.app.models import MODELS, is_factory_path
+from fedqsn_flwr.app.sources import LANGUAGE_MODELLING
 from fedqsn_flwr.app.splits import DATASETS, PARTITIONINGS
-from fedqsn_flwr.app.training import DEVICE_PATTERN
+from fedqsn_flwr.app.training import DEVICE_PATTERN, OPTIMIZERS
 from fedqsn_flwr.core.quantization import MAX_BIT_WIDTH, MIN_BIT_WIDTH
 from fedqsn_flwr.flower.proxy import UPDATE_BIT_WIDTHS
 
@@ -181,7 +183,7 @@ SPEC: dict[str, Key] = {
         str,
         "empty or a folder path",
         lambda v: True,
-        "local copy of the data set (torchvision layout, or train.csv/jsonl for 'text')",
+        "local copy of the data set (torchvision layout; train.csv/jsonl for text, glue/*, e2e_nlg)",
     ),
     "mnist1d-server-examples": _integer(
         20_000, 10, "mnist1d: server pretraining examples (the package's default generator)"
@@ -214,9 +216,9 @@ SPEC: dict[str, Key] = {
     "model": Key(
         "cnn",
         str,
-        f"one of {sorted(MODELS)} or 'package.module:factory'",
-        lambda v: v in MODELS or is_factory_path(v),
-        "model architecture (see Data sets and models)",
+        f"one of {sorted(MODELS)}, 'hf:<checkpoint folder>' or 'package.module:factory'",
+        lambda v: v in MODELS or is_factory_path(v) or (is_hf(v) and len(v) > len("hf:")),
+        "model architecture, or a local Hugging Face checkpoint (see Data sets and models)",
     ),
     "initial-model": Key(
         "",
@@ -224,6 +226,9 @@ SPEC: dict[str, Key] = {
         "empty or a state-dict file path (torch.save)",
         lambda v: True,
         "the server's starting weights; pretraining (if any) continues from them",
+    ),
+    "optimizer": _choice(
+        "sgd", OPTIMIZERS, "client and pretraining optimizer: SGD (momentum 0.9) or AdamW"
     ),
     "dropout": _fraction(
         0.2, 0, 1, False, True, "dropout on the masked hidden features (pretraining and clients)"
@@ -350,6 +355,16 @@ def validate(config: Mapping[str, Any]) -> Config:
         raise ConfigError(
             "config key 'hidden-feedback' needs a server mask: strategy fedsn or fedqsn, "
             f"not {out['strategy']!r}"
+        )
+    if out["dataset"] in LANGUAGE_MODELLING and not is_hf(out["model"]):
+        raise ConfigError(
+            f"dataset {out['dataset']!r} is for causal language models: set model = "
+            "'hf:<folder>' (a GPT-2-style checkpoint with its tokenizer)"
+        )
+    if out["dataset"] in LANGUAGE_MODELLING and out["partitioning"] != "iid":
+        raise ConfigError(
+            f"partitioning {out['partitioning']!r} splits by class label and dataset "
+            f"{out['dataset']!r} has none: use partitioning = 'iid'"
         )
     return out
 

@@ -11,7 +11,9 @@ unit axis) to say which of its tensors are masked and along which axis; without
 it, :func:`fedqsn_flwr.core.masking.policy_for_model` masks the input features of
 every ``Linear``/``Conv`` layer but the first (whose input is the raw data).
 
-``model`` may also be ``"package.module:factory"``: any importable callable that
+``model`` may be ``"hf:<folder>"``: a Hugging Face checkpoint saved on disk
+(:mod:`fedqsn_flwr.app.huggingface`; RoBERTa/BERT classifiers, GPT-2 language
+models). It may also be ``"package.module:factory"``: any importable callable that
 takes keyword arguments ``spec`` (:class:`InputSpec`) and ``dropout`` and returns
 a ``torch.nn.Module`` -- the way to run FedQSN on your own architecture.
 """
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fedqsn_flwr.app.huggingface import is_hf, load_hf_model
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,13 @@ class InputSpec:
         One example's shape: (channels, height, width) for images, (length,) for
         token sequences.
     num_classes : int
-        Output logits.
+        Output logits (0 for a language model: one per token of the vocabulary).
     vocab_size : int (default: 0)
-        Token ids are in ``[0, vocab_size)`` (text only; 0 is padding).
+        Token ids are in ``[0, vocab_size)`` (text only; 0 is padding unless a
+        Hugging Face tokenizer says otherwise).
+    task : str (default: ``"classification"``)
+        ``"classification"`` (one label per example) or ``"causal-lm"`` (a
+        target token per position, -100 where not scored).
 
     """
 
@@ -50,6 +58,7 @@ class InputSpec:
     shape: tuple[int, ...]
     num_classes: int
     vocab_size: int = 0
+    task: str = "classification"
 
 
 #: scikit-learn's digits: 1 x 8 x 8 images, 10 classes.
@@ -279,7 +288,7 @@ MODELS: dict[str, ModelFactory] = {
 
 def is_factory_path(name: str) -> bool:
     """Whether ``name`` is a ``package.module:callable`` path rather than a built-in name."""
-    return ":" in name
+    return ":" in name and not is_hf(name)
 
 
 def load_factory(path: str) -> ModelFactory:
@@ -303,6 +312,17 @@ def build_model(
     With ``seed``, the initial weights are those anyone can reproduce from the
     code and the seed: the *public initialisation* of a run.
     """
+    if is_hf(name):
+        if spec.kind != "text":
+            raise ValueError(f"model '{name}' needs text; the data is {spec.kind}")
+        if seed is not None:
+            torch.manual_seed(seed)  # a new classification head
+        return load_hf_model(name, spec.task, spec.num_classes, spec.vocab_size)
+    if spec.task != "classification":
+        raise ValueError(
+            f"model '{name}' is a classifier and the data is for {spec.task}; use a Hugging "
+            "Face language model: model = 'hf:<folder>'"
+        )
     if is_factory_path(name):
         factory = load_factory(name)
     elif name in MODELS:

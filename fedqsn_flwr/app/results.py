@@ -24,8 +24,13 @@ METRIC_COLUMNS = (
     "round",
     "global_accuracy",
     "global_loss",
+    "global_perplexity",
     "server_accuracy",
+    "server_loss",
+    "server_perplexity",
     "proxy_accuracy",
+    "proxy_loss",
+    "proxy_perplexity",
     "client_eval_accuracy",
     "train_loss",
     "bytes_down",
@@ -131,7 +136,7 @@ class RunRecorder:
         with self.metrics_path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(METRIC_COLUMNS)
-            writer.writerows([_cell(r[c]) for c in METRIC_COLUMNS] for r in self.rows)
+            writer.writerows([_cell(r.get(c, math.nan)) for c in METRIC_COLUMNS] for r in self.rows)
 
     def save_checkpoint(
         self, server_round: int, state: Mapping[str, torch.Tensor], strategy: Mapping[str, Any]
@@ -177,12 +182,14 @@ class RunRecorder:
         return path
 
     def summary_table(self) -> str:
-        """The per-round metrics as a fixed-width text table."""
+        """The per-round metrics as a fixed-width text table (perplexity for a language model)."""
+        language_model = any(math.isfinite(r.get("global_perplexity", math.nan)) for r in self.rows)
+        score = "perplexity" if language_model else "accuracy"
         columns = (
             "round",
-            "global_accuracy",
-            "server_accuracy",
-            "proxy_accuracy",
+            f"global_{score}",
+            f"server_{score}",
+            f"proxy_{score}",
             "train_loss",
             "bytes_down",
             "bytes_up",
@@ -191,7 +198,7 @@ class RunRecorder:
         header = " ".join(f"{c:>15}" for c in columns)
         lines = [header, "-" * len(header)]
         for row in self.rows:
-            lines.append(" ".join(f"{_cell(row[c]):>15}" for c in columns))
+            lines.append(" ".join(f"{_cell(row.get(c, math.nan)):>15}" for c in columns))
         return "\n".join(lines)
 
 

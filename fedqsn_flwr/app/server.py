@@ -24,11 +24,18 @@ from flwr.supercore import log
 from torch import nn
 
 from fedqsn_flwr.app.config import ConfigError, output_root
+from fedqsn_flwr.app.huggingface import CAUSAL_LM
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.results import RunRecorder
 from fedqsn_flwr.app.sources import data_key
 from fedqsn_flwr.app.splits import ServerData, load_server_data
-from fedqsn_flwr.app.training import evaluate_state, loss_gradient, pick_device, train
+from fedqsn_flwr.app.training import (
+    evaluate_state,
+    loss_gradient,
+    perplexity,
+    pick_device,
+    train,
+)
 from fedqsn_flwr.core.feedback import GradientFn
 from fedqsn_flwr.core.masking import policy_for_model
 from fedqsn_flwr.core.secret import SecretError, resolve_secret, secret_seed, store_secret
@@ -100,6 +107,7 @@ def initial_model(
             learning_rate=config["learning-rate"],
             batch_size=config["batch-size"],
             seed=secret_seed(secret, "pretrain"),
+            optimizer=config["optimizer"],
         )
         log(
             INFO,
@@ -133,6 +141,7 @@ _PRETRAIN_KEYS = (
     "test-fraction",
     "learning-rate",
     "batch-size",
+    "optimizer",
     "seed",
     "device",
 )
@@ -244,6 +253,7 @@ def train_config(config: Mapping[str, Any]) -> ConfigRecord:
             "local-epochs": config["local-epochs"],
             "learning-rate": config["learning-rate"],
             "batch-size": config["batch-size"],
+            "optimizer": config["optimizer"],
         }
     )
     if config["strategy"] == "fedprox":
@@ -268,15 +278,21 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
     # a resumed run takes its weights from the checkpoint: no second pretraining
     model = initial_model(config, data, secret, pretrain=recorder.checkpoint is None)
 
-    def proxy_accuracy(state: Mapping[str, torch.Tensor]) -> float:
-        return evaluate_state(model, state, data.test)[1]
+    language_model = data.spec.task == CAUSAL_LM
+
+    def scores(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        loss, accuracy = evaluate_state(model, state, data.test)
+        found = {"accuracy": accuracy, "loss": loss}
+        if language_model:
+            found["perplexity"] = perplexity(loss)
+        return found
 
     sink = recorder.save_received if config["save-messages"] else None
     if config["hidden-feedback"] and config["strategy"] in ("fedsn", "fedqsn"):
         gradient_fn = feedback_gradient_fn(config, model, data, secret)
     else:
         gradient_fn = None
-    strategy = build_strategy(config, model, proxy_accuracy, sink, secret, gradient_fn)
+    strategy = build_strategy(config, model, scores, sink, secret, gradient_fn)
     initial = ArrayRecord(model.state_dict())
     if recorder.checkpoint is not None:
         checkpoint = recorder.checkpoint
@@ -285,40 +301,42 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
         log(INFO, "Resuming from %s after round %d", recorder.checkpoint_path, checkpoint["round"])
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        global_loss, global_accuracy = evaluate_state(
-            model, arrays.to_torch_state_dict(), data.test
-        )
-        server_accuracy = global_accuracy
+        global_scores = scores(arrays.to_torch_state_dict())
+        server_scores = global_scores
         if isinstance(strategy, FedQSN):
-            server_accuracy = evaluate_state(model, strategy.server_model(arrays), data.test)[1]
+            server_scores = scores(strategy.server_model(arrays))
         row = recorder.add_round(
             {
                 **strategy.round_log.get(server_round, {}),
                 "round": server_round,
-                "global_accuracy": global_accuracy,
-                "global_loss": global_loss,
-                "server_accuracy": server_accuracy,
+                **{f"global_{k}": v for k, v in global_scores.items()},
+                **{f"server_{k}": v for k, v in server_scores.items()},
             }
         )
         recorder.save_checkpoint(
             server_round, arrays.to_torch_state_dict(), strategy.checkpoint_state()
         )
+        score = "perplexity" if language_model else "accuracy"
         log(
             INFO,
-            "%s seed %d round %d/%d: global %.4f | server %.4f | proxy %.4f"
+            "%s seed %d round %d/%d: %s global %.4f | server %.4f | proxy %.4f"
             " | down %.0f B | up %.0f B",
             config["strategy"],
             config["seed"],
             server_round,
             config["num-server-rounds"],
-            row["global_accuracy"],
-            row["server_accuracy"],
-            row["proxy_accuracy"],
+            score,
+            row[f"global_{score}"],
+            row[f"server_{score}"],
+            row[f"proxy_{score}"],
             row["bytes_down"],
             row["bytes_up"],
         )
         return MetricRecord(
-            {"global-accuracy": global_accuracy, "server-accuracy": server_accuracy}
+            {
+                f"global-{score}": global_scores[score],
+                f"server-{score}": server_scores[score],
+            }
         )
 
     result = strategy.start(

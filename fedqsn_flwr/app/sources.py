@@ -14,6 +14,17 @@ built for. :mod:`fedqsn_flwr.app.splits` then splits and partitions it.
 * ``ag-news``, ``sst2`` -- text classification through ``FederatedDataset``.
 * ``text`` -- a local ``train.csv`` or ``train.jsonl`` (``text``, ``label``
   columns; optional ``test.csv``/``test.jsonl``) in ``data-dir``.
+* ``glue/<task>`` (``glue/sst2``, ``glue/mrpc``, ...) -- GLUE-style rows
+  (``sentence[, sentence2], label``; the task's own column names, see
+  :data:`GLUE_TASKS`): with ``data-dir``, from its ``train`` and optional
+  ``validation``/``test`` CSV/JSONL files; without, from the hub (``nyu-mll/glue``,
+  the task as subset; its validation split is the test set, GLUE's test labels
+  are hidden) through flwr-datasets.
+* ``e2e_nlg`` -- E2E-style rows, a meaning representation and a reference text
+  (``meaning_representation``/``human_reference`` as on the hub, or ``mr``/``ref``
+  as in the original CSV files): from ``data-dir`` or the hub
+  (``tuetschek/e2e_nlg``). For causal language models: the model reads
+  ``<mr> = <reference><eos>`` and is scored on the reference tokens only.
 * ``mnist1d`` -- MNIST-1D (Greydanus, 2020), generated procedurally by the
   ``mnist1d`` package: no file, no network. Unlike every other data set, the
   server's and the clients' examples come from two generators (see
@@ -32,7 +43,9 @@ built for. :mod:`fedqsn_flwr.app.splits` then splits and partitions it.
 
 Text is tokenized with :func:`tokenize`: lower-cased words hashed into
 ``vocab-size`` buckets (id 0 is padding), cut or padded to ``max-length`` -- no
-vocabulary file, nothing to download, and every party gets the same ids.
+vocabulary file, nothing to download, and every party gets the same ids. With a
+Hugging Face model (``model = "hf:<folder>"``) the tokenizer saved in that
+folder is used instead (``max-length`` still applies).
 """
 
 from __future__ import annotations
@@ -50,11 +63,38 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedqsn_flwr.app.huggingface import (
+    CAUSAL_LM,
+    IGNORE_INDEX,
+    hf_folder,
+    is_hf,
+    load_tokenizer,
+)
 from fedqsn_flwr.app.models import InputSpec
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 TEXT_DATASETS = ("ag-news", "sst2")
-DATASETS = ("digits", "mnist1d", *IMAGE_DATASETS, *TEXT_DATASETS, "text")
+#: GLUE tasks: hub subset -> (first text column, second text column or "", test split).
+GLUE_TASKS: dict[str, tuple[str, str, str]] = {
+    "sst2": ("sentence", "", "validation"),
+    "cola": ("sentence", "", "validation"),
+    "mrpc": ("sentence1", "sentence2", "validation"),
+    "qqp": ("question1", "question2", "validation"),
+    "mnli": ("premise", "hypothesis", "validation_matched"),
+    "qnli": ("question", "sentence", "validation"),
+    "rte": ("sentence1", "sentence2", "validation"),
+    "wnli": ("sentence1", "sentence2", "validation"),
+}
+GLUE_HUB_ID = "nyu-mll/glue"
+#: E2E NLG on the hub, and the column names accepted (hub, original CSV files).
+E2E_HUB_ID = "tuetschek/e2e_nlg"
+E2E_COLUMNS = (("meaning_representation", "human_reference"), ("mr", "ref"))
+#: Between an E2E meaning representation and its reference text.
+E2E_SEPARATOR = " = "
+#: Data sets whose examples are token targets for a causal language model.
+LANGUAGE_MODELLING = ("e2e_nlg",)
+LANGUAGE_DATASETS = tuple(f"glue/{task}" for task in GLUE_TASKS) + LANGUAGE_MODELLING
+DATASETS = ("digits", "mnist1d", *IMAGE_DATASETS, *TEXT_DATASETS, "text", *LANGUAGE_DATASETS)
 #: MNIST-1D's signals: 1 channel of 40 values, 10 classes.
 MNIST1D_LENGTH = 40
 
@@ -95,6 +135,7 @@ class DataKey:
     mnist1d_test_examples: int = 4_000
     mnist1d_client_shear: float = 1.25
     trust_data_dir: bool = False
+    tokenizer: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,7 +162,8 @@ class RawData:
 
 
 def data_key(config: dict[str, Any] | Any) -> DataKey:
-    """The :class:`DataKey` of a run config."""
+    """The :class:`DataKey` of a run config (a Hugging Face model brings its tokenizer)."""
+    model = str(config.get("model", ""))
     return DataKey(
         dataset=str(config["dataset"]),
         data_dir=str(config.get("data-dir", "")),
@@ -132,12 +174,13 @@ def data_key(config: dict[str, Any] | Any) -> DataKey:
         mnist1d_test_examples=int(config.get("mnist1d-test-examples", 4_000)),
         mnist1d_client_shear=float(config.get("mnist1d-client-shear", 1.25)),
         trust_data_dir=bool(config.get("trust-data-dir", False)),
+        tokenizer=str(hf_folder(model)) if is_hf(model) else "",
     )
 
 
 def needs_hub(key: DataKey) -> bool:
     """Whether ``key`` is loaded from the Hugging Face Hub (network or its cache)."""
-    return key.dataset in HF_DATASETS and not key.data_dir
+    return (key.dataset in HF_DATASETS or key.dataset in LANGUAGE_DATASETS) and not key.data_dir
 
 
 # -- text ------------------------------------------------------------------------
@@ -168,28 +211,37 @@ def _label_map(labels: Sequence[Any]) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
-def _read_table(path: Path) -> tuple[list[str], list[Any]]:
-    texts: list[str] = []
-    labels: list[Any] = []
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every row of a CSV (header line) or JSONL file, as a mapping."""
     try:
         if path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as handle:
-                for row in csv.DictReader(handle):
-                    texts.append(row["text"])
-                    labels.append(row["label"])
+                rows = list(csv.DictReader(handle))
         else:
             with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    if line.strip():
-                        record = json.loads(line)
-                        texts.append(record["text"])
-                        labels.append(record["label"])
-    except (KeyError, TypeError) as err:
-        raise DataError(f"{path} needs 'text' and 'label' in every row (missing {err})") from err
+                rows = [json.loads(line) for line in handle if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
         raise DataError(f"cannot read {path}: {err}") from err
-    if not texts:
+    if not rows:
         raise DataError(f"{path} holds no examples")
+    if not all(isinstance(row, dict) for row in rows):
+        raise DataError(f"{path}: every line must be a JSON object")
+    return rows
+
+
+def _columns(rows: list[dict[str, Any]], names: Sequence[str], path: Path) -> list[list[Any]]:
+    """The values of ``names`` in every row (a DataError names a missing one)."""
+    for number, row in enumerate(rows, start=1):
+        missing = [n for n in names if row.get(n) is None]
+        if missing:
+            raise DataError(
+                f"{path}: row {number} has no {missing}; every row needs {list(names)}"
+            )
+    return [[row[n] for row in rows] for n in names]
+
+
+def _read_table(path: Path) -> tuple[list[str], list[Any]]:
+    texts, labels = _columns(_read_rows(path), ("text", "label"), path)
     return texts, labels
 
 
@@ -200,18 +252,53 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def encode_texts(
+    texts: Sequence[Any], key: DataKey, second: Sequence[Any] | None = None
+) -> tuple[torch.Tensor, int]:
+    """Token ids (N, ``max-length``) of ``texts`` (pairs with ``second``); vocabulary size.
+
+    The Hugging Face tokenizer of ``key.tokenizer`` when set, else :func:`tokenize`
+    (a pair is joined by a space).
+    """
+    if not key.tokenizer:
+        if second is not None:
+            texts = [f"{a} {b}" for a, b in zip(texts, second, strict=True)]
+        return tokenize(texts, key.vocab_size, key.max_length), key.vocab_size
+    tokenizer = load_tokenizer(key.tokenizer)
+    encoded = tokenizer(
+        [str(t) for t in texts],
+        None if second is None else [str(t) for t in second],
+        padding="max_length",
+        truncation=True,
+        max_length=key.max_length,
+        return_tensors="pt",
+    )
+    return encoded["input_ids"].long(), len(tokenizer)
+
+
+#: (first texts, second texts or None, labels) of a text classification split.
+TextRows = tuple[list[Any], list[Any] | None, list[Any]]
+
+
 def _text_data(
-    train: tuple[list[str], list[Any]], test: tuple[list[str], list[Any]] | None, key: DataKey
+    train: tuple[list[str], list[Any]] | TextRows,
+    test: tuple[list[str], list[Any]] | TextRows | None,
+    key: DataKey,
 ) -> RawData:
-    mapping = _label_map(train[1] + (test[1] if test else []))
-    train_x = tokenize(train[0], key.vocab_size, key.max_length)
-    test_x = tokenize(test[0], key.vocab_size, key.max_length) if test else None
+    def rows(split: tuple[Any, ...]) -> TextRows:
+        return (split[0], None, split[1]) if len(split) == 2 else split  # type: ignore[return-value]
+
+    train_rows = rows(train)
+    test_rows = rows(test) if test else None
+    mapping = _label_map(train_rows[2] + (test_rows[2] if test_rows else []))
+    train_x, vocab = encode_texts(train_rows[0], key, train_rows[1])
+    test_x = encode_texts(test_rows[0], key, test_rows[1])[0] if test_rows else None
     return RawData(
         train_x=train_x,
-        train_y=_label_ids(train[1], mapping),
+        train_y=_label_ids(train_rows[2], mapping),
         test_x=test_x,
-        test_y=_label_ids(test[1], mapping) if test else None,
-        spec=InputSpec("text", (key.max_length,), max(mapping.values()) + 1, key.vocab_size),
+        test_y=_label_ids(test_rows[2], mapping) if test_rows else None,
+        spec=InputSpec("text", (key.max_length,), max(mapping.values()) + 1, vocab),
     )
 
 
@@ -226,6 +313,121 @@ def load_text_files(key: DataKey) -> RawData:
         )
     test = _find(folder, "test")
     return _text_data(_read_table(train), _read_table(test) if test else None, key)
+
+
+# -- GLUE and E2E ------------------------------------------------------------------
+
+
+def _hub_splits(dataset: str, subset: str | None, test_split: str, name: str) -> tuple[Any, Any]:
+    """(train, test) splits of a hub data set through flwr-datasets."""
+    from flwr_datasets import FederatedDataset
+
+    try:
+        # our own seeded split follows; keep the data set's order here
+        hub = FederatedDataset(
+            dataset=dataset, subset=subset, partitioners={"train": 1}, shuffle=False
+        )
+        return hub.load_split("train"), hub.load_split(test_split)
+    except Exception as err:  # network, cache, or format problems all end here
+        raise DataError(
+            f"cannot load '{name}' ({dataset}{'/' + subset if subset else ''}) through "
+            f"flwr-datasets: {err}. Offline, set data-dir to a folder with train.csv or "
+            "train.jsonl (see docs/configuration.md)"
+        ) from err
+
+
+def _local_splits(key: DataKey) -> tuple[Path, Path | None]:
+    folder = Path(key.data_dir).expanduser()
+    train = _find(folder, "train")
+    if train is None:
+        raise DataError(
+            f"dataset '{key.dataset}' needs train.csv or train.jsonl in data-dir '{folder}'"
+        )
+    return train, _find(folder, "validation") or _find(folder, "test")
+
+
+def _pick(rows: list[dict[str, Any]], choices: Sequence[Sequence[str]], path: Path) -> list[str]:
+    """The first of ``choices`` (column name tuples) that the first row has."""
+    for names in choices:
+        if all(n in rows[0] for n in names):
+            return list(names)
+    raise DataError(f"{path}: expected columns {' or '.join(map(str, choices))}")
+
+
+def load_glue(key: DataKey) -> RawData:
+    """A GLUE task (``glue/<task>``): local CSV/JSONL rows, or the hub's ``nyu-mll/glue``."""
+    task = key.dataset.split("/", 1)[1]
+    first, second, test_split = GLUE_TASKS[task]
+    names = (first, second, "label") if second else (first, "label")
+    generic = ("sentence", "sentence2", "label") if second else ("sentence", "label")
+
+    def rows_of(columns: list[list[Any]]) -> TextRows:
+        return (columns[0], columns[1], columns[2]) if second else (columns[0], None, columns[1])
+
+    if key.data_dir:
+        train_path, test_path = _local_splits(key)
+        splits = []
+        for path in (train_path, test_path):
+            if path is None:
+                splits.append(None)
+                continue
+            rows = _read_rows(path)
+            splits.append(rows_of(_columns(rows, _pick(rows, (names, generic), path), path)))
+        return _text_data(splits[0], splits[1], key)  # type: ignore[arg-type]
+    train, test = _hub_splits(GLUE_HUB_ID, task, test_split, key.dataset)
+    return _text_data(
+        rows_of([list(train[n]) for n in names]), rows_of([list(test[n]) for n in names]), key
+    )
+
+
+def _lm_examples(
+    prompts: Sequence[Any], targets: Sequence[Any], key: DataKey
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token ids and targets (-100 on the prompt and padding) of prompt -> text pairs."""
+    tokenizer = load_tokenizer(key.tokenizer)
+    pad = tokenizer.pad_token_id
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    x = torch.full((len(prompts), key.max_length), pad, dtype=torch.long)
+    y = torch.full((len(prompts), key.max_length), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        # the prompt may take half the length: every example keeps reference tokens
+        head = tokenizer(str(prompt) + E2E_SEPARATOR, add_special_tokens=False)["input_ids"]
+        head = head[: key.max_length // 2]
+        tail = tokenizer(" " + str(target), add_special_tokens=False)["input_ids"] + eos
+        tail = tail[: key.max_length - len(head)]
+        ids = torch.tensor(head + tail, dtype=torch.long)
+        x[row, : len(ids)] = ids
+        y[row, len(head) : len(ids)] = ids[len(head) :]
+    return x, y, len(tokenizer)
+
+
+def load_e2e(key: DataKey) -> RawData:
+    """E2E-style rows (meaning representation -> reference) for a causal language model."""
+    if not key.tokenizer:
+        raise DataError(
+            f"dataset '{key.dataset}' is for causal language models: set model = "
+            "'hf:<folder>' (a GPT-2-style checkpoint with its tokenizer)"
+        )
+    pairs: list[tuple[list[Any], list[Any]] | None] = []
+    if key.data_dir:
+        for path in _local_splits(key):
+            if path is None:
+                pairs.append(None)
+                continue
+            rows = _read_rows(path)
+            mr, ref = _columns(rows, _pick(rows, E2E_COLUMNS, path), path)
+            pairs.append((mr, ref))
+    else:
+        mr_name, ref_name = E2E_COLUMNS[0]
+        for split in _hub_splits(E2E_HUB_ID, None, "test", key.dataset):
+            pairs.append((list(split[mr_name]), list(split[ref_name])))
+    assert pairs[0] is not None
+    train_x, train_y, vocab = _lm_examples(*pairs[0], key)
+    test_x = test_y = None
+    if pairs[1] is not None:
+        test_x, test_y, _ = _lm_examples(*pairs[1], key)
+    spec = InputSpec("text", (key.max_length,), 0, vocab, task=CAUSAL_LM)
+    return RawData(train_x, train_y, test_x, test_y, spec)
 
 
 # -- images -----------------------------------------------------------------------
@@ -466,6 +668,10 @@ def load_raw(key: DataKey) -> RawData:
         return load_digits_data()
     if key.dataset == "text":
         return load_text_files(key)
+    if key.dataset.startswith("glue/") and key.dataset in LANGUAGE_DATASETS:
+        return load_glue(key)
+    if key.dataset == "e2e_nlg":
+        return load_e2e(key)
     if key.dataset in IMAGE_DATASETS and key.data_dir:
         return load_torchvision(key)
     if key.dataset in HF_DATASETS:

@@ -57,7 +57,7 @@ LOCAL_EVAL_FRACTION = 0.2
 
 @dataclass(frozen=True)
 class Split:
-    """Examples ``x`` and integer labels ``y``.
+    """Examples ``x`` and integer labels ``y`` (one per example, or per token).
 
     ``x`` holds float features, uint8 images (N, C, H, W) -- standardized per
     channel with ``mean``/``std`` when a batch is taken, so a CIFAR-10 pool stays
@@ -70,7 +70,7 @@ class Split:
     std: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
-        return int(self.y.numel())
+        return int(self.y.shape[0])
 
     def subset(self, index: np.ndarray) -> Split:
         """The rows at ``index``."""
@@ -284,7 +284,16 @@ def load_client_data(
         shuffled = pool.subset(
             np.random.default_rng(derive_seed("pool-shuffle", seed)).permutation(len(pool))
         )
-        parts = _partition_indices(shuffled.y.numpy(), num_partitions, partitioning, alpha, seed)
+        if shuffled.y.dim() == 1:
+            labels = shuffled.y.numpy()
+        elif partitioning == "iid":
+            labels = np.zeros(len(shuffled), dtype=np.int64)  # token targets: no class
+        else:
+            raise ValueError(
+                f"partitioning '{partitioning}' splits by class label; a language-modelling "
+                "data set has none: use partitioning = 'iid'"
+            )
+        parts = _partition_indices(labels, num_partitions, partitioning, alpha, seed)
         part = shuffled.subset(parts[partition_id])
     rng = np.random.default_rng(derive_seed("local-evaluation", seed, partition_id))
     order = rng.permutation(len(part))

@@ -1,15 +1,25 @@
-"""Train and evaluate loops shared by clients, the server's pretraining and evaluation."""
+"""Train and evaluate loops shared by clients, the server's pretraining and evaluation.
+
+Labels are one class per example (``y`` (N,)) or, for a causal language model,
+one target token per position (``y`` (N, T), :data:`IGNORE_INDEX` where not
+scored): position ``t``'s logits predict the token at ``t + 1``, and loss and
+accuracy are per scored token (perplexity is ``exp`` of that loss).
+"""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from fedqsn_flwr.app.huggingface import IGNORE_INDEX
 from fedqsn_flwr.app.splits import Split
 
+#: Values the ``optimizer`` config key accepts.
+OPTIMIZERS = ("sgd", "adamw")
 #: Values the ``device`` config key accepts.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -36,6 +46,31 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def task_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of class logits, or of next-token logits for token targets."""
+    if y.dim() == 1:
+        return nn.functional.cross_entropy(logits, y, reduction=reduction)
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1),
+        y[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+def _scored(y: torch.Tensor) -> int:
+    """Examples (class labels) or scored tokens (token targets) in ``y``."""
+    return len(y) if y.dim() == 1 else int((y[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    if y.dim() == 1:
+        return int((logits.argmax(dim=1) == y).sum())
+    targets = y[:, 1:]
+    hits = (logits[:, :-1].argmax(dim=-1) == targets) & (targets != IGNORE_INDEX)
+    return int(hits.sum())
+
+
 def train(
     model: nn.Module,
     data: Split,
@@ -45,8 +80,14 @@ def train(
     seed: int,
     frozen: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
+    optimizer: str = "sgd",
 ) -> float:
-    """Train ``model`` in place with SGD (momentum 0.9); return the mean batch loss.
+    """Train ``model`` in place; return the mean batch loss.
+
+    ``optimizer``: ``"sgd"`` (momentum 0.9) or ``"adamw"`` (weight decay 0.01,
+    as transformers are usually fine-tuned). A frozen entry's gradient is zero,
+    so neither moves it (AdamW's moments stay zero and the decay of a zero is
+    zero).
 
     ``frozen`` maps parameter names to boolean masks of entries that must not
     change (a proxy's hidden units: they stay exactly zero, so the client trains
@@ -67,16 +108,21 @@ def train(
         for name, mask in (frozen or {}).items()
         if name in params
     }
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    step: torch.optim.Optimizer = (
+        torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    )
     model.train()
     total, batches = 0.0, 0
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=order_rng)
         for start in range(0, len(data), batch_size):
             rows = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(data.inputs(rows).to(device)), data.y[rows].to(device))
+            step.zero_grad()
+            loss = task_loss(model(data.inputs(rows).to(device)), data.y[rows].to(device))
             objective = loss
             if anchor:
                 drift = sum((params[n] - a).pow(2).sum() for n, a in anchor.items())
@@ -84,7 +130,7 @@ def train(
             objective.backward()
             for name, factor in keep.items():
                 params[name].grad.mul_(factor)
-            optimizer.step()
+            step.step()
             total += loss.item()
             batches += 1
     return total / batches
@@ -92,8 +138,12 @@ def train(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> tuple[float, float]:
-    """Return (mean cross-entropy loss, accuracy) of ``model`` on ``data``."""
-    if len(data) == 0:
+    """Return (mean cross-entropy loss, accuracy) of ``model`` on ``data``.
+
+    Per example for class labels, per scored token for token targets.
+    """
+    scored = _scored(data.y)
+    if scored == 0:
         return float("nan"), float("nan")
     model.eval()
     device = model_device(model)
@@ -102,9 +152,9 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> tuple[floa
         x = data.inputs(slice(start, start + batch_size)).to(device)
         y = data.y[start : start + batch_size].to(device)
         logits = model(x)
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
-    return loss_sum / len(data), correct / len(data)
+        loss_sum += float(task_loss(logits, y, reduction="sum"))
+        correct += _correct(logits, y)
+    return loss_sum / scored, correct / scored
 
 
 def loss_gradient(
@@ -123,11 +173,12 @@ def loss_gradient(
     model.eval()
     model.zero_grad(set_to_none=True)
     device = model_device(model)
+    scored = max(_scored(data.y), 1)
     with torch.enable_grad():
         for start in range(0, len(data), batch_size):
             x = data.inputs(slice(start, start + batch_size)).to(device)
             y = data.y[start : start + batch_size].to(device)
-            loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / len(data)
+            loss = task_loss(model(x), y, reduction="sum") / scored
             loss.backward()
     grads = {
         name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
@@ -135,6 +186,14 @@ def loss_gradient(
     }
     model.zero_grad(set_to_none=True)
     return grads
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a per-token loss (inf beyond float range, NaN stays NaN)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def evaluate_state(

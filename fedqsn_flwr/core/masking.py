@@ -20,15 +20,31 @@ The :class:`MaskPolicy` says which tensors are masked and along which axis. The
 default (:func:`policy_for_model`) masks the units *between* layers only: the
 first weight layer's input (raw pixels) and the output logits are never masked,
 as in the authors' code, because hiding input features or classes costs far more
-accuracy than hiding hidden features.
+accuracy than hiding hidden features. Per layer type:
+
+* ``nn.Linear`` and ``nn.Conv1d/2d/3d``: axis 1 (input features or channels);
+* Hugging Face ``transformers``' ``Conv1D`` (GPT-2's attention and MLP
+  projections, weight stored *input x output*): axis 0, its input features;
+* ``nn.Embedding``: axis 1, the embedding dimensions (token, position and
+  token-type tables). A model that starts with an embedding has no raw-data
+  weight layer, so its first projection is masked too;
+* LayerNorm, biases and buffers (e.g. position ids) stay whole.
+
+A tensor shared under several names (GPT-2's output head is its token
+embedding) must travel once: :func:`tied_state_once` makes a model's state dict
+list it under its first name only, and :func:`policy_for_model` refuses a model
+whose state dict still lists it twice (two masks of one tensor would show a
+client the union of their visible units).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,19 +69,30 @@ class MaskPolicy:
     quantized : frozenset[str]
         Tensors sent as NormalFloat codes (when quantization is on); all other
         tensors are sent in float32.
+    tied : Mapping[str, str] (default: empty)
+        Names that share another tensor (alias -> the name it travels under);
+        informational: aliases are not in the state that travels.
 
     """
 
     unit_axes: Mapping[str, int]
     unit_counts: Mapping[str, int]
     quantized: frozenset[str] = field(default_factory=frozenset)
+    tied: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.unit_axes) != set(self.unit_counts):
             raise ValueError("unit_axes and unit_counts must name the same tensors")
 
-    def describe(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Share of the model's parameters that are masked and quantized."""
+    def describe(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """What travels how: shares of the parameters, and the tensors by treatment.
+
+        ``masked_share``/``quantized_share`` are shares of the parameters in
+        masked/quantized tensors; ``masked`` maps each masked tensor (layer
+        numbers written ``*``) to its unit axis, ``whole`` lists what travels
+        unmasked, ``tied`` the shared tensors (sent once, under the kept name).
+        Print it with :func:`format_description`.
+        """
         total = sum(t.numel() for t in state.values())
         masked = sum(state[name].numel() for name in self.unit_axes)
         quantized = sum(state[name].numel() for name in self.quantized)
@@ -73,7 +100,76 @@ class MaskPolicy:
             "parameters": float(total),
             "masked_share": masked / total,
             "quantized_share": quantized / total,
+            "masked": {_pattern(n): axis for n, axis in self.unit_axes.items()},
+            "whole": sorted({_pattern(n) for n in state if n not in self.unit_axes}),
+            "tied": dict(self.tied),
         }
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def format_description(description: Mapping[str, Any]) -> str:
+    """:meth:`MaskPolicy.describe`'s result as lines of text."""
+    lines = [
+        f"parameters: {int(description['parameters']):,}  masked share: "
+        f"{description['masked_share']:.3f}  quantized share: {description['quantized_share']:.3f}"
+    ]
+    lines += [f"  masked (axis {axis}): {n}" for n, axis in description["masked"].items()]
+    lines += [f"  whole: {n}" for n in description["whole"]]
+    lines += [f"  tied: {a} = {n} (travels once)" for a, n in description["tied"].items()]
+    return "\n".join(lines)
+
+
+def shared_tensors(model: nn.Module) -> dict[str, str]:
+    """Parameters and buffers listed under several names: alias -> first name."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = [*model.named_parameters(remove_duplicate=False)]
+    named += [*model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        kept = first.setdefault(id(tensor), name)
+        if kept != name:
+            aliases[name] = kept
+    return aliases
+
+
+def tied_state_once(model: nn.Module) -> nn.Module:
+    """Make ``model``'s state dict list every shared tensor once; return ``model``.
+
+    GPT-2's ``lm_head.weight`` *is* ``transformer.wte.weight``: ``state_dict()``
+    lists it twice, and FedQSN would mask (and send) the two names as two
+    tensors. After this call ``state_dict()`` keeps the first name only and
+    ``load_state_dict`` accepts a state without the aliases (loading the kept
+    name updates both, as they are one tensor). Idempotent.
+    """
+    aliases = shared_tensors(model)
+    if not aliases or getattr(model, "_fedqsn_tied", None) is not None:
+        return model
+
+    def drop_aliases(
+        module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
+        for alias in aliases:
+            state.pop(prefix + alias, None)
+
+    def allow_missing(module: nn.Module, incompatible: Any) -> None:
+        missing = incompatible.missing_keys
+        for alias in aliases:
+            if alias in missing:
+                missing.remove(alias)
+
+    model._register_state_dict_hook(drop_aliases)
+    model.register_load_state_dict_post_hook(allow_missing)
+    model._fedqsn_tied = dict(aliases)
+    return model
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2): a linear layer whose weight is (in, out);
+    # recognised by name so that this module never imports transformers
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPolicy:
@@ -81,14 +177,32 @@ def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPo
 
     If the model defines ``fedqsn_unit_axes()`` (state-dict name -> unit axis),
     exactly those tensors are masked. Otherwise every ``Linear``/``Conv`` weight
-    is masked along axis 1 (its input features or channels), except the first
-    such layer -- whose input is the raw data -- unless ``mask_input_layer`` is
-    set. Every floating-point *parameter* is quantized; floating-point buffers
-    (BatchNorm's running statistics) travel in float32, because rounding a running
-    variance to a 4-bit level can make it zero.
+    is masked along axis 1 (its input features or channels), a ``transformers``
+    ``Conv1D`` weight along axis 0 and an ``Embedding`` along axis 1 (embedding
+    dimensions), except the first weight layer when no embedding comes before
+    it -- its input is the raw data -- unless ``mask_input_layer`` is set. Every
+    floating-point *parameter* is quantized; floating-point buffers (BatchNorm's
+    running statistics) travel in float32, because rounding a running variance
+    to a 4-bit level can make it zero.
+
+    Raises
+    ------
+    ValueError
+        The model's state dict lists a shared tensor twice (call
+        :func:`tied_state_once` first), or ``fedqsn_unit_axes()`` names a tensor
+        the model does not have.
+
     """
     unit_axes: dict[str, int] = {}
     state = model.state_dict()
+    aliases = shared_tensors(model)
+    listed_twice = {a: n for a, n in aliases.items() if a in state and n in state}
+    if listed_twice:
+        raise ValueError(
+            f"{type(model).__name__} lists one tensor under several names {listed_twice}; "
+            "call fedqsn_flwr.tied_state_once(model) before taking its state, so that the "
+            "tensor is masked and sent once"
+        )
     declared = getattr(model, "fedqsn_unit_axes", None)
     if callable(declared):
         unit_axes = dict(declared())
@@ -98,18 +212,27 @@ def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPo
     else:
         first = True
         for module_name, module in model.named_modules():
-            if not isinstance(module, _WEIGHT_LAYERS):
+            name = f"{module_name}.weight" if module_name else "weight"
+            if name not in state:
+                continue  # a tied alias: masked under the name it travels by
+            if isinstance(module, nn.Embedding):
+                first = False  # what follows an embedding is hidden features
+                unit_axes[name] = 1
+                continue
+            if not isinstance(module, _WEIGHT_LAYERS) and not _is_hf_conv1d(module):
                 continue
             if first and not mask_input_layer:
                 first = False
                 continue
             first = False
-            unit_axes[f"{module_name}.weight" if module_name else "weight"] = 1
+            unit_axes[name] = 0 if _is_hf_conv1d(module) else 1
     unit_counts = {name: int(state[name].shape[axis]) for name, axis in unit_axes.items()}
     quantized = frozenset(
         name for name, tensor in model.named_parameters() if tensor.is_floating_point()
     )
-    return MaskPolicy(unit_axes=unit_axes, unit_counts=unit_counts, quantized=quantized)
+    return MaskPolicy(
+        unit_axes=unit_axes, unit_counts=unit_counts, quantized=quantized, tied=aliases
+    )
 
 
 def derive_seed(purpose: str, *keys: int) -> int:

@@ -50,6 +50,7 @@ from fedqsn_flwr.flower.strategies.utils import (
     MetricsAggrFn,
     StateEvaluateFn,
     aggregate_metrics,
+    proxy_metrics,
     l2_norm,
     message_bytes,
     shifted_result,
@@ -92,7 +93,8 @@ class MeasuredFedAvg(FedAvg):
         FedQSN's server secret, never from it).
     proxy_evaluate_fn : StateEvaluateFn, optional
         Called in ``configure_train`` on the model each client receives, decoded
-        from the actual message; the mean goes into ``round_log[r]["proxy_accuracy"]``.
+        from the actual message; returns an accuracy or named metrics, whose mean
+        over clients goes into ``round_log[r]["proxy_accuracy"]`` (``proxy_<name>``).
     message_sink : MessageSink, optional
         Called with ``(server_round, partition_id, message)`` for every training
         and evaluation message sent (e.g. to save what clients received, for the
@@ -401,8 +403,8 @@ class MeasuredFedAvg(FedAvg):
         self._global_values = {k: array_values(a) for k, a in arrays.items()}
         self._model_norm = l2_norm(v for v in self._global_values.values() if v.dtype.kind in "fc")
         if self.proxy_evaluate_fn is not None:
-            accuracy = self.proxy_evaluate_fn(arrays.to_torch_state_dict())
-            self._log_round(server_round, proxy_accuracy=accuracy)
+            found = self.proxy_evaluate_fn(arrays.to_torch_state_dict())
+            self._log_round(server_round, **proxy_metrics([found]))
         # every client gets the exact global model
         self._log_round(server_round, cosine_all=1.0, rel_l2_all=0.0, exposure=1.0)
         return list(self._construct_messages(record, node_ids, MessageType.TRAIN))

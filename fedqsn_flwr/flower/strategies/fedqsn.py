@@ -56,6 +56,7 @@ from fedqsn_flwr.flower.strategies.utils import (
     EVALUATE,
     TRAIN,
     l2_norm,
+    proxy_metrics,
 )
 
 
@@ -286,7 +287,7 @@ class FedQSN(MeasuredFedAvg):
         messages: list[Message] = []
         self._sent = {}
         sims: dict[str, float] = {}
-        accuracies: list[float] = []
+        accuracies: list[float | Mapping[str, float]] = []
         # One proxy at a time: only the messages (what Flower sends) pile up, not
         # the decoded dense proxies, which are as large as the model each.
         for node_id in node_ids:
@@ -321,7 +322,7 @@ class FedQSN(MeasuredFedAvg):
         if messages and self._exposure is not None:
             self._log_round(server_round, **sims, exposure=self._exposure.exposure)
         if accuracies:
-            self._log_round(server_round, proxy_accuracy=sum(accuracies) / len(accuracies))
+            self._log_round(server_round, **proxy_metrics(accuracies))
         return messages
 
     def _prepare_feedback(self, config: ConfigRecord) -> None:

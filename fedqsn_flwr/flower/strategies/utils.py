@@ -14,8 +14,9 @@ from flwr.serverapp.strategy import Result
 
 from fedqsn_flwr.flower.protocol import METRICS_RECORD
 
-#: Called with a model state the clients receive; returns its accuracy.
-StateEvaluateFn = Callable[[Mapping[str, torch.Tensor]], float]
+#: Called with a model state the clients receive; returns its accuracy, or named
+#: metrics (e.g. ``{"accuracy": ..., "loss": ...}``), logged as ``proxy_<name>``.
+StateEvaluateFn = Callable[[Mapping[str, torch.Tensor]], float | Mapping[str, float]]
 #: Called with (server round, partition id, message) for every message to a client.
 MessageSink = Callable[[int, int, Message], None]
 #: Flower's metric aggregation: (replies' records, weighting key) -> aggregate.
@@ -25,6 +26,13 @@ MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 #: evaluation proxies of one round hide different units).
 TRAIN, EVALUATE = 1, 2
 PURPOSES = {TRAIN: MessageType.TRAIN, EVALUATE: MessageType.EVALUATE}
+
+
+def proxy_metrics(results: list[float | Mapping[str, float]]) -> dict[str, float]:
+    """Mean of :data:`StateEvaluateFn` results over clients, as ``proxy_<name>`` values."""
+    named = [r if isinstance(r, Mapping) else {"accuracy": float(r)} for r in results]
+    keys = set.intersection(*(set(r) for r in named)) if named else set()
+    return {f"proxy_{k}": sum(float(r[k]) for r in named) / len(named) for k in sorted(keys)}
 
 
 def l2_norm(arrays: Iterable[np.ndarray]) -> float:
