@@ -183,7 +183,7 @@ SPEC: dict[str, Key] = {
         str,
         "empty or a folder path",
         lambda v: True,
-        "local copy of the data set (torchvision layout; train.csv/jsonl for text, glue/*, e2e_nlg)",
+        "local copy of the data set (torchvision layout; train.csv/jsonl: text, glue/*, e2e_nlg)",
     ),
     "mnist1d-server-examples": _integer(
         20_000, 10, "mnist1d: server pretraining examples (the package's default generator)"

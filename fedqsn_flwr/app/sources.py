@@ -234,9 +234,7 @@ def _columns(rows: list[dict[str, Any]], names: Sequence[str], path: Path) -> li
     for number, row in enumerate(rows, start=1):
         missing = [n for n in names if row.get(n) is None]
         if missing:
-            raise DataError(
-                f"{path}: row {number} has no {missing}; every row needs {list(names)}"
-            )
+            raise DataError(f"{path}: row {number} has no {missing}; every row needs {list(names)}")
     return [[row[n] for row in rows] for n in names]
 
 

@@ -50,9 +50,9 @@ from fedqsn_flwr.flower.strategies.utils import (
     MetricsAggrFn,
     StateEvaluateFn,
     aggregate_metrics,
-    proxy_metrics,
     l2_norm,
     message_bytes,
+    proxy_metrics,
     shifted_result,
 )
 
