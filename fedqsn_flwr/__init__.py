@@ -26,7 +26,9 @@ from fedqsn_flwr.core.masking import (
     apply_mask,
     draw_client_mask,
     draw_server_mask,
+    format_description,
     policy_for_model,
+    tied_state_once,
 )
 from fedqsn_flwr.core.quantization import (
     dequantize,
@@ -81,6 +83,7 @@ __all__ = [
     "draw_server_mask",
     "encode_proxy",
     "encode_update",
+    "format_description",
     "freeze_hidden",
     "load_received",
     "normal_float_codebook",
@@ -88,6 +91,7 @@ __all__ = [
     "policy_for_model",
     "quantize",
     "quantize_packed",
+    "tied_state_once",
     "train_reply",
     "unpack_bits",
 ]

@@ -23,6 +23,8 @@ EXTRAS_ONLY = [
     "mnist1d",
     "bitsandbytes",
     "ray",
+    "transformers",
+    "tokenizers",
 ]
 
 
@@ -55,9 +57,10 @@ def test_top_level_package_is_the_library_only():
 def test_library_installs_without_the_app_and_experiment_packages():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = " ".join(project["dependencies"])
-    for extra in ("matplotlib", "psutil", "scikit-learn", "torchvision", "pyyaml", "bitsandbytes"):
+    extras = ("matplotlib", "psutil", "scikit-learn", "torchvision", "pyyaml", "bitsandbytes")
+    for extra in (*extras, "transformers"):
         assert extra not in base, extra
-    assert {"app", "experiments", "bench", "dev"} <= set(project["optional-dependencies"])
+    assert {"app", "experiments", "bench", "dev", "hf"} <= set(project["optional-dependencies"])
 
 
 @pytest.mark.slow  # a fresh Python process
