@@ -35,7 +35,15 @@ from fedqsn_flwr.core.masking import (  # noqa: E402
     format_description,
     policy_for_model,
 )
+from fedqsn_flwr.experiments.attack import format_report, run_attacks  # noqa: E402
+from fedqsn_flwr.experiments.compare import (  # noqa: E402
+    RunSpec,
+    headline_markdown,
+    summary_markdown,
+)
+from fedqsn_flwr.experiments.compare import _row as compare_row  # noqa: E402
 from fedqsn_flwr.experiments.inprocess import run_in_process  # noqa: E402
+from fedqsn_flwr.experiments.plots import write_plots  # noqa: E402
 from fedqsn_flwr.flower.client_helpers import freeze_hidden, load_received  # noqa: E402
 from fedqsn_flwr.flower.proxy import (  # noqa: E402
     decode_update,
@@ -316,3 +324,65 @@ def test_without_transformers_the_error_names_the_extra(checkpoints, monkeypatch
         build_model(
             f"hf:{checkpoints['gpt2'][0]}", spec=InputSpec("text", (8,), 0, 10, "causal-lm")
         )
+
+
+@pytest.mark.slow  # a federation, the attacks and the comparison's tables and plots
+def test_attacks_comparison_and_plots_report_perplexity_the_right_way_round(checkpoints, tmp_path):
+    folder, data = checkpoints["gpt2"]
+    secret = tmp_path / "server.secret"
+    secret.write_text("hf attacks")
+    run = run_in_process(
+        {
+            "server-secret-file": str(secret),
+            "output-dir": str(tmp_path / "runs"),
+            "run-name": "fedqsn__seed42",
+            "dataset": "e2e_nlg",
+            "data-dir": str(data),
+            "model": f"hf:{folder}",
+            "max-length": 32,
+            "num-server-rounds": 2,
+            "pretrain-epochs": 2,
+            "optimizer": "adamw",
+            "learning-rate": 0.002,
+            "batch-size": 8,
+            "local-epochs": 1,
+            "min-nodes": 3,
+            "fraction-evaluate": 0.0,
+        },
+        num_nodes=3,
+    )
+    report = run_attacks(run, epochs=1, learning_rates=[0.002], max_clients=1)
+    assert report["metric"] == "perplexity" and "best_attack_accuracy" not in report
+    perplexities = {a["attack"]: a["perplexity"] for a in report["attacks"]}
+    # lower is better: the best attack is the lowest perplexity, and a positive gap
+    # means the attackers are worse off than the server
+    assert report["best_attack_perplexity"] == min(perplexities.values())
+    assert report["privacy_gap"] == pytest.approx(
+        report["best_attack_perplexity"] - report["global_perplexity"]
+    )
+    for attack in report["attacks"]:
+        assert attack["perplexity"] == pytest.approx(math.exp(-attack["score"]))
+    global_loss = math.log(report["global_perplexity"])
+    data_only_loss = math.log(report["data_only_perplexity"])
+    best_loss = math.log(report["best_attack_perplexity"])
+    if report["knowledge_leakage"] is not None:
+        assert report["knowledge_leakage"] == pytest.approx(
+            (data_only_loss - best_loss) / (data_only_loss - global_loss), rel=1e-3
+        )
+    text = format_report(report)
+    assert "perplexity" in text and "lower is better" in text
+
+    (run / "compare.json").write_text('{"wall_seconds": 1.0}')
+    row = compare_row(RunSpec("fedqsn", 42), run)
+    assert row["metric"] == "perplexity" and math.isnan(row["best_attack_accuracy"])
+    assert row["best_attack_perplexity"] == report["best_attack_perplexity"]
+    assert row["collusion_attack_perplexity"] == min(
+        perplexities["collusion_as_is"], perplexities["collusion_finetune"]
+    )
+    headline = headline_markdown([row])
+    assert "global (perplexity)" in headline
+    assert f"{row['global_perplexity']:.3f}" in headline
+    assert "global_perplexity" in summary_markdown([row])
+    paths = write_plots([row], tmp_path, attacked=True)
+    assert {p.name for p in paths} >= {"perplexity_per_round.png", "privacy_utility.png"}
+    assert all(p.stat().st_size > 1000 for p in paths)

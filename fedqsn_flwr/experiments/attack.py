@@ -38,6 +38,14 @@ their data, 1 when they give the model away. When the global model is at most
 :data:`NO_KNOWLEDGE_MARGIN` above data-only there is no model knowledge to
 protect, and no ratio is reported.
 
+For a causal language model (E2E-style data) every figure is a token-level
+*perplexity* on the server's test set, lower is better: the best attack is the
+lowest, the privacy gap is best attack - global (positive: the attackers are
+worse off than the server, as for accuracy), and knowledge leakage is computed
+on token loss, the log of perplexity: (data-only loss - best attack loss) /
+(data-only loss - global loss), with the same meaning (0: nothing beyond their
+data, 1: the model given away) and the same margin, in nats.
+
 Writes ``<run>/attacks.json`` and prints a table.
 """
 
@@ -45,27 +53,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from fedqsn_flwr.app.huggingface import CAUSAL_LM
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
 from fedqsn_flwr.app.sources import data_key
 from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data
-from fedqsn_flwr.app.training import evaluate, evaluate_state, train
+from fedqsn_flwr.app.training import evaluate, evaluate_state, perplexity, train
 from fedqsn_flwr.core.masking import derive_seed
 from fedqsn_flwr.core.secret import SECRET_FILE
 from fedqsn_flwr.flower.privacy import to_global_units
 from fedqsn_flwr.flower.proxy import Proxy, received_model
 
 DEFAULT_EPOCHS = 10
-DEFAULT_LEARNING_RATES = (0.005, 0.02, 0.05)
+#: Fine-tuning learning rates the attacks search, per ``optimizer`` of the run.
+DEFAULT_LEARNING_RATES = {"sgd": (0.005, 0.02, 0.05), "adamw": (1e-4, 5e-4, 2e-3)}
 DEFAULT_MAX_CLIENTS = 3
 #: Below this lead of the global model over data-only, leakage is not reported.
 NO_KNOWLEDGE_MARGIN = 0.02
@@ -73,8 +84,54 @@ NO_KNOWLEDGE_MARGIN = 0.02
 SMALL_CNN = {"image": "cnn", "signal": "cnn1d"}
 
 
+@dataclass(frozen=True)
+class Metric:
+    """What the attacks are scored by: accuracy, or a language model's perplexity.
+
+    Internally every figure is a *score*, higher is better: the accuracy, or
+    minus the token loss; :meth:`value` turns it into what is reported.
+    """
+
+    name: str
+
+    @classmethod
+    def of(cls, spec: Any) -> Metric:
+        """Perplexity for token targets, else accuracy."""
+        return cls("perplexity" if spec.task == CAUSAL_LM else "accuracy")
+
+    def score(self, loss: float, accuracy: float) -> float:
+        """Higher is better: the accuracy, or minus the loss."""
+        return accuracy if self.name == "accuracy" else -loss
+
+    def value(self, score: float) -> float:
+        """The reported figure of a score."""
+        return score if self.name == "accuracy" else perplexity(-score)
+
+    def gap(self, global_score: float, best_score: float) -> float:
+        """Privacy gap, positive when the attackers are worse off than the server."""
+        if self.name == "accuracy":
+            return global_score - best_score
+        return self.value(best_score) - self.value(global_score)
+
+    def evaluate(self, model: torch.nn.Module, test: Split) -> float:
+        """The score of ``model`` as it is."""
+        return self.score(*evaluate(model, test))
+
+    def evaluate_state(
+        self, model: torch.nn.Module, state: Mapping[str, torch.Tensor], test: Split
+    ) -> float:
+        """The score of ``state`` loaded into ``model``."""
+        return self.score(*evaluate_state(model, state, test))
+
+
+ACCURACY = Metric("accuracy")
+
+
 def knowledge_leakage(best_attack: float, data_only: float, global_accuracy: float) -> float | None:
-    """(best attack - data-only) / (global - data-only); None with no knowledge to protect."""
+    """(best attack - data-only) / (global - data-only); None with no knowledge to protect.
+
+    Scores, higher is better (for a language model: minus the token loss).
+    """
     if global_accuracy <= data_only + NO_KNOWLEDGE_MARGIN:
         return None
     return (best_attack - data_only) / (global_accuracy - data_only)
@@ -87,17 +144,21 @@ def data_only_reference(
     test: Split,
     epochs: int,
     learning_rates: Sequence[float],
+    metric: Metric = ACCURACY,
 ) -> dict[str, Any]:
-    """The attackers' best without any proxy (see the module docstring)."""
+    """The attackers' best without any proxy (see the module docstring).
+
+    Returns the best ``score`` and its reported value under ``metric.name``.
+    """
     architectures = [config["model"]]
     if (small := SMALL_CNN.get(spec.kind)) and small not in architectures:
         architectures.append(small)
-    best: dict[str, Any] = {"accuracy": -1.0}
+    best: dict[str, Any] = {"score": -math.inf}
     tried = {}
     for name in architectures:
         model = build_model(name, config["dropout"], seed=config["seed"], spec=spec)
         public = {k: v.clone() for k, v in model.state_dict().items()}
-        accuracy, rate, epoch = finetune(
+        score, rate, epoch = finetune(
             model,
             public,
             pooled,
@@ -105,11 +166,13 @@ def data_only_reference(
             epochs,
             learning_rates,
             derive_seed("attack-data-only", config["seed"]),
+            metric,
+            config.get("optimizer", "sgd"),
         )
-        tried[name] = accuracy
-        if accuracy > best["accuracy"]:
-            best = {"accuracy": accuracy, "model": name, "lr": rate, "epoch": epoch}
-    return {**best, "tried": tried}
+        tried[name] = metric.value(score)
+        if score > best["score"]:
+            best = {"score": score, "model": name, "lr": rate, "epoch": epoch}
+    return {**best, metric.name: metric.value(best["score"]), "tried": tried}
 
 
 def collude(
@@ -153,20 +216,24 @@ def finetune(
     epochs: int,
     learning_rates: Sequence[float],
     seed: int,
+    metric: Metric = ACCURACY,
+    optimizer: str = "sgd",
 ) -> tuple[float, float, int]:
-    """Best test accuracy of ``state`` fine-tuned on ``data``: (accuracy, rate, epoch).
+    """Best test score of ``state`` fine-tuned on ``data``: (score, rate, epoch).
 
+    The score is the accuracy (or minus the token loss, see :class:`Metric`).
     Epoch 0 is the model as given, so the result is never below it.
     """
     model.load_state_dict(dict(state))
-    best = (evaluate(model, test)[1], 0.0, 0)
+    best = (metric.evaluate(model, test), 0.0, 0)
     for rate in learning_rates:
         model.load_state_dict(dict(state))
         for epoch in range(1, epochs + 1):
-            train(model, data, 1, rate, 32, seed=derive_seed("attack-epoch", seed, epoch))
-            accuracy = evaluate(model, test)[1]
-            if accuracy > best[0]:
-                best = (accuracy, rate, epoch)
+            seed_epoch = derive_seed("attack-epoch", seed, epoch)
+            train(model, data, 1, rate, 32, seed=seed_epoch, optimizer=optimizer)
+            score = metric.evaluate(model, test)
+            if score > best[0]:
+                best = (score, rate, epoch)
     return best
 
 
@@ -179,12 +246,17 @@ def _pool(splits: Sequence[Split]) -> Split:
 def run_attacks(
     run_dir: Path,
     epochs: int = DEFAULT_EPOCHS,
-    learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES,
+    learning_rates: Sequence[float] | None = None,
     max_clients: int | None = DEFAULT_MAX_CLIENTS,
 ) -> dict[str, Any]:
-    """Run every attack on a finished run; write and return ``attacks.json``'s content."""
+    """Run every attack on a finished run; write and return ``attacks.json``'s content.
+
+    ``learning_rates`` default to :data:`DEFAULT_LEARNING_RATES` of the run's optimizer.
+    """
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     federation = yaml.safe_load((run_dir / "federation.yaml").read_text())
+    optimizer = config.get("optimizer", "sgd")
+    rates = tuple(learning_rates or DEFAULT_LEARNING_RATES[optimizer])
     received = load_saved_messages(run_dir)
     if not received:
         raise FileNotFoundError(
@@ -197,6 +269,7 @@ def run_attacks(
     data = load_server_data(
         key, config["seed"], config["test-fraction"], config["pretrain-fraction"], secret
     )
+    metric = Metric.of(data.spec)
     model = build_model(config["model"], config["dropout"], spec=data.spec)
     last: dict[int, Proxy] = {}
     for (_, kind, partition), proxy in sorted(proxies.items()):
@@ -217,38 +290,36 @@ def run_attacks(
 
     results: list[dict[str, Any]] = []
 
-    def record(name: str, accuracy: float, detail: str) -> None:
-        results.append({"attack": name, "accuracy": accuracy, "detail": detail})
+    def record(name: str, score: float, detail: str) -> None:
+        results.append(
+            {"attack": name, metric.name: metric.value(score), "score": score, "detail": detail}
+        )
 
-    as_is = {p: evaluate_state(model, proxy.state, data.test)[1] for p, proxy in last.items()}
+    def tune(state: Mapping[str, torch.Tensor], data_: Split, seed: int) -> tuple:
+        return finetune(model, state, data_, data.test, epochs, rates, seed, metric, optimizer)
+
+    as_is = {p: metric.evaluate_state(model, proxy.state, data.test) for p, proxy in last.items()}
     best_partition = max(as_is, key=as_is.get)
+    mean_as_is = metric.value(sum(as_is.values()) / len(as_is))
     record(
         "proxy_as_is",
         as_is[best_partition],
-        f"best of {len(as_is)} clients (partition {best_partition}); "
-        f"mean {sum(as_is.values()) / len(as_is):.4f}",
+        f"best of {len(as_is)} clients (partition {best_partition}); mean {mean_as_is:.4f}",
     )
 
     attacked = sorted(last)[: max_clients or len(last)]
     tuned = {
-        p: finetune(
-            model,
-            last[p].state,
-            client_data(p),
-            data.test,
-            epochs,
-            learning_rates,
-            derive_seed("attack-finetune", config["seed"], p),
-        )
+        p: tune(last[p].state, client_data(p), derive_seed("attack-finetune", config["seed"], p))
         for p in attacked
     }
     best_partition = max(tuned, key=lambda p: tuned[p][0])
-    accuracy, rate, epoch = tuned[best_partition]
+    score, rate, epoch = tuned[best_partition]
+    mean_tuned = metric.value(sum(t[0] for t in tuned.values()) / len(tuned))
     record(
         "finetune",
-        accuracy,
+        score,
         f"best of {len(tuned)} clients (partition {best_partition}), lr {rate}, epoch {epoch}; "
-        f"mean {sum(t[0] for t in tuned.values()) / len(tuned):.4f}",
+        f"mean {mean_tuned:.4f}",
     )
 
     pooled = _pool([client_data(p) for p in sorted(last)])
@@ -261,43 +332,39 @@ def run_attacks(
         coverage = sum(int(seen[n].sum()) for n in floats) / sum(seen[n].numel() for n in floats)
         record(
             f"{name}_as_is",
-            evaluate_state(model, state, data.test)[1],
+            metric.evaluate_state(model, state, data.test),
             f"{len(proxies)} proxies pooled; {coverage:.4f} of the parameters seen",
         )
-        accuracy, rate, epoch = finetune(
-            model,
-            state,
-            pooled,
-            data.test,
-            epochs,
-            learning_rates,
-            derive_seed("attack-collusion", config["seed"]),
-        )
+        score, rate, epoch = tune(state, pooled, derive_seed("attack-collusion", config["seed"]))
         record(
             f"{name}_finetune",
-            accuracy,
+            score,
             f"fine-tuned on {len(pooled)} pooled examples, lr {rate}, epoch {epoch}",
         )
 
-    global_accuracy = read_metrics(run_dir / "metrics.csv")[-1]["global_accuracy"]
-    best = max(results, key=lambda r: r["accuracy"])
-    reference = data_only_reference(config, data.spec, pooled, data.test, epochs, learning_rates)
-    leakage = knowledge_leakage(best["accuracy"], reference["accuracy"], global_accuracy)
+    final = read_metrics(run_dir / "metrics.csv")[-1]
+    global_score = metric.score(final["global_loss"], final["global_accuracy"])
+    best = max(results, key=lambda r: r["score"])
+    reference = data_only_reference(config, data.spec, pooled, data.test, epochs, rates, metric)
+    leakage = knowledge_leakage(best["score"], reference["score"], global_score)
+    name = metric.name
     report = {
         "run": str(run_dir),
-        "global_accuracy": global_accuracy,
+        "metric": name,
+        f"global_{name}": metric.value(global_score),
         "attacks": results,
         "best_attack": best["attack"],
-        "best_attack_accuracy": best["accuracy"],
-        "privacy_gap": global_accuracy - best["accuracy"],
+        f"best_attack_{name}": best[name],
+        "privacy_gap": metric.gap(global_score, best["score"]),
         "pooled_data_only": reference,
-        "data_only_accuracy": reference["accuracy"],
+        f"data_only_{name}": reference[name],
         "knowledge_leakage": leakage,
         "no_model_knowledge": leakage is None,
         "epochs": epochs,
-        "learning_rates": list(learning_rates),
+        "learning_rates": list(rates),
         "note": "fine-tuning attacks and data-only pick their best epoch on the test set: "
-        "upper bounds",
+        "upper bounds"
+        + ("; leakage on token loss (log perplexity)" if name == "perplexity" else ""),
     }
     (run_dir / "attacks.json").write_text(json.dumps(report, indent=2))
     return report
@@ -305,26 +372,29 @@ def run_attacks(
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as a text table."""
-    lines = [f"{'attack':<22} {'accuracy':>9}  detail", "-" * 80]
+    name = report.get("metric", "accuracy")
+    better = "lower is better" if name == "perplexity" else "higher is better"
+    lines = [f"{'attack':<22} {name:>10}  detail ({better})", "-" * 80]
     for row in report["attacks"]:
-        lines.append(f"{row['attack']:<22} {row['accuracy']:>9.4f}  {row['detail']}")
+        lines.append(f"{row['attack']:<22} {row[name]:>10.4f}  {row['detail']}")
     lines.append("-" * 80)
     reference = report["pooled_data_only"]
     lines.append(
-        f"{'data_only':<22} {reference['accuracy']:>9.4f}  reference: public init of "
+        f"{'data_only':<22} {reference[name]:>10.4f}  reference: public init of "
         f"{reference['model']} trained on the pooled data, lr {reference['lr']}, "
         f"epoch {reference['epoch']} (no proxy)"
     )
-    lines.append(f"{'global model':<22} {report['global_accuracy']:>9.4f}")
+    lines.append(f"{'global model':<22} {report[f'global_{name}']:>10.4f}")
     gap = report["privacy_gap"]
     leakage = report["knowledge_leakage"]
     lines.append(
         f"best attack: {report['best_attack']} "
-        f"({report['best_attack_accuracy']:.4f}); privacy gap {gap:+.4f}; "
+        f"({report[f'best_attack_{name}']:.4f}); privacy gap {gap:+.4f}; "
         + (
             f"knowledge leakage {leakage:.3f}"
             if leakage is not None
-            else f"no model knowledge to protect (global <= data-only + {NO_KNOWLEDGE_MARGIN:g})"
+            else "no model knowledge to protect (global at most "
+            f"{NO_KNOWLEDGE_MARGIN:g} better than data-only)"
         )
     )
     lines.append("every fine-tuning figure takes its best epoch on the test set: an upper bound")
@@ -340,7 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path, help="a run's output folder")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument(
-        "--learning-rates", type=float, nargs="+", default=list(DEFAULT_LEARNING_RATES)
+        "--learning-rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fine-tuning learning rates (default: by the run's optimizer, "
+        f"{DEFAULT_LEARNING_RATES})",
     )
     parser.add_argument(
         "--max-clients",

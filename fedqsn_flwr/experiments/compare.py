@@ -55,6 +55,7 @@ SUMMARY_COLUMNS = (
     "knob",
     "value",
     "seed",
+    "metric",
     "global_accuracy",
     "server_accuracy",
     "proxy_accuracy",
@@ -75,16 +76,45 @@ SUMMARY_COLUMNS = (
     "bytes_up_per_client",
     "wall_seconds",
     "rounds",
+    "global_perplexity",
+    "server_perplexity",
+    "proxy_perplexity",
+    "start_perplexity",
+    "best_attack_perplexity",
+    "data_only_perplexity",
+    "finetune_attack_perplexity",
+    "collusion_attack_perplexity",
+    "public_fill_attack_perplexity",
     "best_attack",
     "run_dir",
 )
-NUMERIC_COLUMNS = SUMMARY_COLUMNS[4:23]
+#: The summary's numeric columns in accuracy terms; a language model's table
+#: shows the ``_perplexity`` column in place of every ``_accuracy`` one.
+NUMERIC_COLUMNS = SUMMARY_COLUMNS[5:24]
 #: Summary columns filled from ``attacks.json`` (NaN when attacks were skipped).
 ATTACK_COLUMNS = {
-    "finetune_attack_accuracy": ("finetune",),
-    "collusion_attack_accuracy": ("collusion_as_is", "collusion_finetune"),
-    "public_fill_attack_accuracy": ("public_fill_as_is", "public_fill_finetune"),
+    "finetune_attack": ("finetune",),
+    "collusion_attack": ("collusion_as_is", "collusion_finetune"),
+    "public_fill_attack": ("public_fill_as_is", "public_fill_finetune"),
 }
+#: Prefixes of the score columns (``<prefix>_accuracy``, ``<prefix>_perplexity``).
+SCORE_PREFIXES = ("global", "server", "proxy", "start", "best_attack", "data_only", *ATTACK_COLUMNS)
+
+
+def _in_terms_of(column: str, metric: str) -> str:
+    """``column`` as the ``metric`` column (perplexity for a language model)."""
+    if metric == "perplexity" and column.endswith("_accuracy"):
+        return column.removesuffix("_accuracy") + "_perplexity"
+    return column
+
+
+def comparison_metric(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``perplexity`` when every run is a language model's, else ``accuracy``."""
+    if rows and all(r.get("metric") == "perplexity" for r in rows):
+        return "perplexity"
+    return "accuracy"
+
+
 PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep", "attack-epochs"}
 STRATEGY_ENTRY_KEYS = {"strategy", "label", "config"}
 
@@ -199,15 +229,23 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         values = [r[column] for r in trained if not math.isnan(r[column])]
         return sum(values) / len(values) if values else math.nan
 
+    language_model = math.isfinite(last.get("global_perplexity", math.nan))
+    metric = "perplexity" if language_model else "accuracy"
     row: dict[str, Any] = {
         "strategy": spec.strategy,
         "knob": spec.knob,
         "value": spec.value,
         "seed": spec.seed,
+        "metric": metric,
+        **{f"{p}_{m}": math.nan for p in SCORE_PREFIXES for m in ("accuracy", "perplexity")},
         "global_accuracy": last["global_accuracy"],
         "server_accuracy": last["server_accuracy"],
         "proxy_accuracy": last["proxy_accuracy"],
         "start_accuracy": rows[0]["global_accuracy"],
+        "global_perplexity": last.get("global_perplexity", math.nan),
+        "server_perplexity": last.get("server_perplexity", math.nan),
+        "proxy_perplexity": last.get("proxy_perplexity", math.nan),
+        "start_perplexity": rows[0].get("global_perplexity", math.nan),
         "exposure": last["exposure"],
         "cosine_all": mean("cosine_all"),
         "rel_l2_all": mean("rel_l2_all"),
@@ -219,24 +257,23 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         "rounds": int(last["round"]),
         "run_dir": str(run_dir),
         "best_attack": "",
-        "best_attack_accuracy": math.nan,
-        "data_only_accuracy": math.nan,
         "knowledge_leakage": math.nan,
         "privacy_gap": math.nan,
-        **{column: math.nan for column in ATTACK_COLUMNS},
     }
     attacks_file = run_dir / "attacks.json"
     if attacks_file.exists():
         report = json.loads(attacks_file.read_text())
-        accuracy = {a["attack"]: a["accuracy"] for a in report["attacks"]}
+        metric = report.get("metric", "accuracy")
+        value = {a["attack"]: a[metric] for a in report["attacks"]}
+        best = max if metric == "accuracy" else min  # perplexity: lower is better
         row["best_attack"] = report["best_attack"]
-        row["best_attack_accuracy"] = report["best_attack_accuracy"]
+        row[f"best_attack_{metric}"] = report[f"best_attack_{metric}"]
         row["privacy_gap"] = report["privacy_gap"]
-        row["data_only_accuracy"] = report.get("data_only_accuracy", math.nan)
+        row[f"data_only_{metric}"] = report.get(f"data_only_{metric}", math.nan)
         leakage = report.get("knowledge_leakage")
         row["knowledge_leakage"] = math.nan if leakage is None else leakage
-        for column, names in ATTACK_COLUMNS.items():
-            row[column] = max(accuracy[n] for n in names)
+        for prefix, names in ATTACK_COLUMNS.items():
+            row[f"{prefix}_{metric}"] = best(value[n] for n in names)
     return row
 
 
@@ -293,13 +330,18 @@ def _variant_label(knob: str, value: str) -> str:
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Mean ± std over seeds for every (strategy, knob, value)."""
-    header = ["strategy", "variant", "seeds", *NUMERIC_COLUMNS]
+    """Mean ± std over seeds for every (strategy, knob, value).
+
+    A comparison of language models shows perplexities (lower is better).
+    """
+    metric = comparison_metric(rows)
+    columns = [_in_terms_of(c, metric) for c in NUMERIC_COLUMNS]
+    header = ["strategy", "variant", "seeds", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (strategy, knob, value), members in groups(rows).items():
         variant = _variant_label(knob, value)
         cells = [strategy, variant, str(len(members))]
-        cells += [_mean_std([float(m[c]) for m in members]) for c in NUMERIC_COLUMNS]
+        cells += [_mean_std([float(m[c]) for m in members]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -321,15 +363,19 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Start, global, proxy, best attack, data only, leakage and bytes (mean ± std).
 
     A variant whose runs all had no model knowledge to protect (global at most
-    2 points above data only) shows that instead of a leakage figure.
+    2 points above data only) shows that instead of a leakage figure. For
+    language models the scores are perplexities (the headers say so).
     """
-    header = ["strategy", "variant", "seeds", *(h for _, h in HEADLINE_COLUMNS)]
+    metric = comparison_metric(rows)
+    suffix = " (perplexity)" if metric == "perplexity" else ""
+    header = ["strategy", "variant", "seeds"]
+    header += [h + (suffix if c.endswith("_accuracy") else "") for c, h in HEADLINE_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (strategy, knob, value), members in groups(rows).items():
         variant = _variant_label(knob, value)
         cells = [strategy, variant, str(len(members))]
         for column, _ in HEADLINE_COLUMNS:
-            values = [float(m[column]) for m in members]
+            values = [float(m[_in_terms_of(column, metric)]) for m in members]
             if column == "knowledge_leakage":
                 cells.append(_leakage_cell(members, values))
                 continue
@@ -340,7 +386,7 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _leakage_cell(members: Sequence[Mapping[str, Any]], values: Sequence[float]) -> str:
     """Leakage mean ± std, saying for how many seeds there was no knowledge to protect."""
-    attacked = [not math.isnan(float(m["best_attack_accuracy"])) for m in members]
+    attacked = [m["best_attack"] != "" for m in members]
     missing = sum(1 for v, a in zip(values, attacked, strict=True) if a and math.isnan(v))
     if not any(attacked):
         return "–"
@@ -388,9 +434,11 @@ def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]
         row = _row(spec, run_dir)
         rows.append(row)
         write_summary(rows, out)
+        m = row["metric"]
+        label = "" if m == "accuracy" else f"({m}) "
         print(
-            f"{tag}: global {row['global_accuracy']:.4f} | server {row['server_accuracy']:.4f}"
-            f" | proxy {row['proxy_accuracy']:.4f} | best attack {row['best_attack_accuracy']:.4f}"
+            f"{tag}: {label}global {row[f'global_{m}']:.4f} | server {row[f'server_{m}']:.4f}"
+            f" | proxy {row[f'proxy_{m}']:.4f} | best attack {row[f'best_attack_{m}']:.4f}"
             f" | {row['wall_seconds']:.0f} s",
             flush=True,
         )
@@ -459,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     from fedqsn_flwr.experiments.plots import write_plots
 
-    attacked = all(not math.isnan(float(r["best_attack_accuracy"])) for r in rows)
+    attacked = all(r["best_attack"] != "" for r in rows)
     for path in write_plots(rows, args.out, attacked):
         print(f"wrote {path}")
     print((args.out / "summary.md").read_text())

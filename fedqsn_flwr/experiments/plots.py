@@ -1,4 +1,9 @@
-"""PNG plots of a comparison: accuracy and bytes per round, privacy-utility, sweeps."""
+"""PNG plots of a comparison: accuracy and bytes per round, privacy-utility, sweeps.
+
+For language models (summary rows whose ``metric`` is ``perplexity``) every
+accuracy figure is a perplexity instead, lower is better, and the files are
+named after it (``perplexity_per_round.png``, ``perplexity_vs_<knob>.png``).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,15 @@ from typing import Any
 
 from fedqsn_flwr.app.results import read_metrics
 
-ACCURACIES = (
-    ("global_accuracy", "global"),
-    ("server_accuracy", "server"),
-    ("proxy_accuracy", "proxy"),
-)
+WHO = ("global", "server", "proxy")
+
+
+def _scores(metric: str) -> list[tuple[str, str]]:
+    return [(f"{who}_{metric}", who) for who in WHO]
+
+
+def _metric(rows: Sequence[Mapping[str, Any]]) -> str:
+    return str(rows[0].get("metric") or "accuracy")
 
 
 def _pyplot():  # noqa: ANN202 - matplotlib's module
@@ -58,7 +67,9 @@ def _nanmean(values: Sequence[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def _accuracy_per_round(curves: Mapping[str, Mapping[str, list[float]]], path: Path) -> None:
+def _accuracy_per_round(
+    curves: Mapping[str, Mapping[str, list[float]]], path: Path, metric: str = "accuracy"
+) -> None:
     plt = _pyplot()
     n = len(curves)
     cols = min(n, 4)
@@ -67,16 +78,16 @@ def _accuracy_per_round(curves: Mapping[str, Mapping[str, list[float]]], path: P
         rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True
     )
     for ax, (variant, curve) in zip(axes.flat, curves.items(), strict=False):
-        for column, label in ACCURACIES:
+        for column, label in _scores(metric):
             ax.plot(curve["round"], curve[column], marker=".", label=label)
         ax.set_title(variant, fontsize=8)
         ax.set_xlabel("round", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].set_ylabel(f"test {metric}")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Accuracy per round (mean over seeds)", fontsize=10)
+    fig.suptitle(f"{metric.capitalize()} per round (mean over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -102,16 +113,21 @@ def _bytes_per_round(curves: Mapping[str, Mapping[str, list[float]]], path: Path
 
 
 def _privacy_utility(
-    rows: Sequence[Mapping[str, Any]], path: Path, x_column: str, x_label: str
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    x_column: str,
+    x_label: str,
+    metric: str = "accuracy",
 ) -> None:
     plt = _pyplot()
+    y_column = f"global_{metric}"
     fig, ax = plt.subplots(figsize=(5, 4))
     by_variant: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         by_variant.setdefault(_variant(row), []).append(row)
     for variant, members in by_variant.items():
         xs = [float(m[x_column]) for m in members]
-        ys = [float(m["global_accuracy"]) for m in members]
+        ys = [float(m[y_column]) for m in members]
         points = ax.scatter(xs, ys, s=14, alpha=0.5)
         ax.scatter(
             [_nanmean(xs)],
@@ -121,17 +137,21 @@ def _privacy_utility(
             color=points.get_facecolor()[0],
             label=variant,
         )
-    low = min(min(float(r[x_column]) for r in rows), min(float(r["global_accuracy"]) for r in rows))
-    ax.plot([low, 1], [low, 1], color="grey", lw=0.8, ls="--")
-    fedavg = _nanmean([float(r["global_accuracy"]) for r in rows if r["strategy"] == "fedavg"])
+    finite = [float(r[c]) for r in rows for c in (x_column, y_column)]
+    finite = [v for v in finite if math.isfinite(v)]
+    low = min(finite, default=0.0)
+    high = 1.0 if metric == "accuracy" else max(finite, default=1.0)
+    ax.plot([low, high], [low, high], color="grey", lw=0.8, ls="--")
+    fedavg = _nanmean([float(r[y_column]) for r in rows if r["strategy"] == "fedavg"])
     if not math.isnan(fedavg):
         ax.axhline(fedavg, color="black", lw=0.8, ls=":", label="FedAvg's global model")
-    data_only = _nanmean([float(r.get("data_only_accuracy", math.nan)) for r in rows])
-    if x_column == "best_attack_accuracy" and not math.isnan(data_only):
+    data_only = _nanmean([float(r.get(f"data_only_{metric}", math.nan)) for r in rows])
+    if x_column == f"best_attack_{metric}" and not math.isnan(data_only):
         ax.axvline(data_only, color="tab:red", lw=0.8, ls=":", label="data only (no proxy)")
     ax.set_xlabel(x_label)
-    ax.set_ylabel("global model accuracy (server keeps)")
-    ax.set_title("Privacy-utility: up and to the left is better", fontsize=9)
+    ax.set_ylabel(f"global model {metric} (server keeps)")
+    better = "up and to the left" if metric == "accuracy" else "down and to the right"
+    ax.set_title(f"Privacy-utility: {better} is better", fontsize=9)
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -139,16 +159,18 @@ def _privacy_utility(
     plt.close(fig)
 
 
-def _sweep(rows: Sequence[Mapping[str, Any]], knob: str, path: Path) -> None:
+def _sweep(
+    rows: Sequence[Mapping[str, Any]], knob: str, path: Path, metric: str = "accuracy"
+) -> None:
     plt = _pyplot()
     members = [r for r in rows if r["knob"] == knob]
     values = list(dict.fromkeys(r["value"] for r in members))
     numeric = all(_is_number(v) for v in values)
     positions = [float(v) for v in values] if numeric else list(range(len(values)))
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    columns = list(ACCURACIES)
-    if all(not math.isnan(float(r["best_attack_accuracy"])) for r in members):
-        columns.append(("best_attack_accuracy", "best attack"))
+    columns = _scores(metric)
+    if all(not math.isnan(float(r[f"best_attack_{metric}"])) for r in members):
+        columns.append((f"best_attack_{metric}", "best attack"))
     for strategy in dict.fromkeys(r["strategy"] for r in members):
         for column, label in columns:
             means, stds = [], []
@@ -167,8 +189,8 @@ def _sweep(rows: Sequence[Mapping[str, Any]], knob: str, path: Path) -> None:
     if not numeric:
         ax.set_xticks(positions, values, fontsize=7, rotation=15)
     ax.set_xlabel(knob)
-    ax.set_ylabel("final test accuracy")
-    ax.set_title(f"Accuracy against {knob} (mean ± std over seeds)", fontsize=9)
+    ax.set_ylabel(f"final test {metric}")
+    ax.set_title(f"{metric.capitalize()} against {knob} (mean ± std over seeds)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -192,27 +214,22 @@ def write_plots(rows: Sequence[Mapping[str, Any]], out: Path, attacked: bool) ->
     """
     if not rows:
         return []
+    metric = _metric(rows)
     curves = _per_round(rows)
     paths = [
-        out / "accuracy_per_round.png",
+        out / f"{metric}_per_round.png",
         out / "bytes_per_round.png",
         out / "privacy_utility.png",
     ]
-    _accuracy_per_round(curves, paths[0])
+    _accuracy_per_round(curves, paths[0], metric)
     _bytes_per_round(curves, paths[1])
     if attacked:
-        _privacy_utility(
-            rows,
-            paths[2],
-            "best_attack_accuracy",
-            "best attack's accuracy (what clients can obtain)",
-        )
+        x_column, x_label = f"best_attack_{metric}", f"best attack's {metric} (what clients obtain)"
     else:
-        _privacy_utility(
-            rows, paths[2], "proxy_accuracy", "accuracy of the proxy a client receives"
-        )
+        x_column, x_label = f"proxy_{metric}", f"{metric} of the proxy a client receives"
+    _privacy_utility(rows, paths[2], x_column, x_label, metric)
     for knob in dict.fromkeys(r["knob"] for r in rows if r["knob"]):
-        path = out / f"accuracy_vs_{knob}.png"
-        _sweep(rows, knob, path)
+        path = out / f"{metric}_vs_{knob}.png"
+        _sweep(rows, knob, path, metric)
         paths.append(path)
     return paths
