@@ -24,7 +24,7 @@ from flwr.supercore import log
 from torch import nn
 
 from fedqsn_flwr.app.config import ConfigError, output_root
-from fedqsn_flwr.app.huggingface import CAUSAL_LM
+from fedqsn_flwr.app.huggingface import CAUSAL_LM, hf_folder, is_hf
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.results import RunRecorder
 from fedqsn_flwr.app.sources import data_key
@@ -157,9 +157,20 @@ def _pretrained_path(config: Mapping[str, Any], secret: bytes) -> Path | None:
     """
     if not config["pretrain-cache"] or config.get("initial-model"):
         return None
+    checkpoint: list[tuple[str, int, int]] = []
+    if is_hf(config["model"]):
+        # the folder's files decide the starting weights too: a replaced checkpoint
+        # must not reuse a model pretrained from the old one
+        folder = hf_folder(config["model"])
+        checkpoint = [
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(folder.iterdir())
+            if f.is_file()
+        ]
     described = json.dumps(
         {
             "keys": {k: config[k] for k in _PRETRAIN_KEYS},
+            "checkpoint": checkpoint,
             "fedqsn-flwr": _version("fedqsn-flwr"),
             "torch": torch.__version__,
         },
