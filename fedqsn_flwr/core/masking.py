@@ -230,8 +230,9 @@ def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPo
     quantized = frozenset(
         name for name, tensor in model.named_parameters() if tensor.is_floating_point()
     )
+    travelling = {a: n for a, n in aliases.items() if n in state}  # not non-persistent buffers
     return MaskPolicy(
-        unit_axes=unit_axes, unit_counts=unit_counts, quantized=quantized, tied=aliases
+        unit_axes=unit_axes, unit_counts=unit_counts, quantized=quantized, tied=travelling
     )
 
 
