@@ -65,7 +65,7 @@ def _tokenizer(texts: list[str], family: str):  # noqa: ANN202 - transformers' c
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=special))
-    if family == "roberta":
+    if family in ("roberta", "bert"):
         cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -85,9 +85,11 @@ def _tokenizer(texts: list[str], family: str):  # noqa: ANN202 - transformers' c
 def save_tiny_checkpoint(
     folder: Path, family: str, texts: list[str], width: int = 32, layers: int = 2
 ) -> Path:
-    """A randomly initialised RoBERTa or GPT-2 and its tokenizer, saved like a checkpoint."""
+    """A randomly initialised RoBERTa, BERT or GPT-2 and its tokenizer, saved like a checkpoint."""
     import torch
     from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
         GPT2Config,
         GPT2LMHeadModel,
         RobertaConfig,
@@ -111,6 +113,19 @@ def save_tiny_checkpoint(
             num_labels=2,
         )
         model = RobertaForSequenceClassification(config)
+    elif family == "bert":
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * width,
+            max_position_embeddings=128,
+            type_vocab_size=2,
+            pad_token_id=tokenizer.pad_token_id,
+            num_labels=2,
+        )
+        model = BertForSequenceClassification(config)
     elif family == "gpt2":
         config = GPT2Config(
             vocab_size=vocab,

@@ -6,7 +6,9 @@ saved with ``save_pretrained``; the tokenizer is trained on the test's rows.
 
 import math
 import re
+import shutil
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,7 +25,11 @@ from transformers import (  # noqa: E402
 
 from fedqsn_flwr import tied_state_once  # noqa: E402
 from fedqsn_flwr.app.config import DEFAULTS, ConfigError, validate  # noqa: E402
-from fedqsn_flwr.app.huggingface import IGNORE_INDEX, HuggingFaceError  # noqa: E402
+from fedqsn_flwr.app.huggingface import (  # noqa: E402
+    IGNORE_INDEX,
+    HuggingFaceError,
+    load_tokenizer,
+)
 from fedqsn_flwr.app.models import InputSpec, build_model  # noqa: E402
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics  # noqa: E402
 from fedqsn_flwr.app.sources import DataError, DataKey, load_raw  # noqa: E402
@@ -35,6 +41,7 @@ from fedqsn_flwr.core.masking import (  # noqa: E402
     format_description,
     policy_for_model,
 )
+from fedqsn_flwr.core.secret import SECRET_FILE, secret_seed  # noqa: E402
 from fedqsn_flwr.experiments.attack import format_report, run_attacks  # noqa: E402
 from fedqsn_flwr.experiments.compare import (  # noqa: E402
     RunSpec,
@@ -241,7 +248,7 @@ def test_a_federation_lowers_the_loss_from_scratch_and_never_moves_hidden_units(
     assert rows[-1]["global_loss"] < rows[0]["global_loss"] - 0.1
     assert rows[-1]["proxy_loss"] < rows[1]["proxy_loss"]
     if family == "gpt2":
-        for who in ("global", "server"):  # metrics.csv keeps 4 decimals
+        for who in ("global", "server", "proxy"):  # exp of the (mean) loss; 4 decimals kept
             ppl = rows[-1][f"{who}_perplexity"]
             assert math.isclose(ppl, math.exp(rows[-1][f"{who}_loss"]), rel_tol=1e-3)
         assert rows[-1]["proxy_perplexity"] < rows[1]["proxy_perplexity"]
@@ -259,20 +266,23 @@ def test_a_federation_lowers_the_loss_from_scratch_and_never_moves_hidden_units(
         assert "model.lm_head.weight" not in list(layout["tensors"])
         for name, units in message_units(content["proxy"], layout).items():
             seen.setdefault(name, set()).update(units.tolist())
-    start = build_model(f"hf:{folder}", seed=0, spec=_model_and_data(checkpoints, family)[1].spec)
+    # the server's start (no pretraining): the checkpoint, and a classification head
+    # the checkpoint lacks initialised from the server secret (not the public seed)
+    secret = (run / SECRET_FILE).read_bytes()
+    spec = _model_and_data(checkpoints, family)[1].spec
+    start = build_model(f"hf:{folder}", seed=secret_seed(secret, "init"), spec=spec)
     final = torch.load(run / "final_model.pt")
     policy = policy_for_model(start)
     assert set(seen) == set(policy.unit_axes)
     for name, axis in policy.unit_axes.items():
         never = sorted(set(range(policy.unit_counts[name])) - seen[name])
         assert len(never) >= round(0.2 * policy.unit_counts[name])
-        if family == "gpt2":
-            # no new head: the start is the checkpoint itself, and hidden units never move
-            index = torch.tensor(never)
-            assert torch.equal(
-                final[name].index_select(axis, index),
-                start.state_dict()[name].index_select(axis, index),
-            )
+        # what no client ever saw never moved
+        index = torch.tensor(never)
+        assert torch.equal(
+            final[name].index_select(axis, index),
+            start.state_dict()[name].index_select(axis, index),
+        ), name
     start.load_state_dict(final)
     if family == "gpt2":
         assert torch.equal(start.model.lm_head.weight, final["model.transformer.wte.weight"])
@@ -291,6 +301,17 @@ def test_bad_checkpoints_data_and_configs_are_clear_errors(checkpoints, tmp_path
         )
     with pytest.raises(ConfigError, match="model"):
         validate({**DEFAULTS, "model": "hf:"})
+    with pytest.raises(ConfigError, match="at least 2"):
+        validate({**DEFAULTS, "dataset": "e2e_nlg", "model": f"hf:{folder}", "max-length": 1})
+    with pytest.raises(HuggingFaceError, match="more than model"):
+        load_raw_and_build = load_raw(
+            DataKey("e2e_nlg", data_dir=str(data), max_length=200, tokenizer=str(folder))
+        )
+        build_model(f"hf:{folder}", spec=load_raw_and_build.spec)
+    minus = tmp_path / "minus"
+    write_jsonl(minus / "train.jsonl", [{"sentence": "x", "label": -1}])
+    with pytest.raises(DataError, match="negative"):
+        load_raw(DataKey("glue/sst2", data_dir=str(minus), tokenizer=str(folder)))
     bad = tmp_path / "bad"
     write_jsonl(bad / "train.jsonl", [{"mr": "name[x]"}])
     with pytest.raises(DataError, match=re.escape("expected columns")):
@@ -386,3 +407,97 @@ def test_attacks_comparison_and_plots_report_perplexity_the_right_way_round(chec
     paths = write_plots([row], tmp_path, attacked=True)
     assert {p.name for p in paths} >= {"perplexity_per_round.png", "privacy_utility.png"}
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_language_model_never_sees_the_tokens_it_predicts(checkpoints, family):
+    """GPT-2, and an encoder checkpoint (RoBERTa) loaded for E2E: causal attention."""
+    folder = checkpoints[family][0]
+    _, raw = _model_and_data(checkpoints, "gpt2")
+    # the E2E rows tokenized by this family's own tokenizer
+    key = DataKey("e2e_nlg", data_dir=str(checkpoints["gpt2"][1]), max_length=32)
+    raw = load_raw(replace(key, tokenizer=str(folder)))
+    model = build_model(f"hf:{folder}", seed=0, spec=raw.spec).eval()
+    x = raw.train_x[:2].clone()
+    with torch.no_grad():
+        before = model(x)
+        x[:, 20:] = (x[:, 20:] + 1) % raw.spec.vocab_size
+        after = model(x)
+    assert torch.allclose(before[:, :20], after[:, :20], atol=1e-5)
+    assert not torch.allclose(before[:, 20:], after[:, 20:])
+
+
+def test_a_client_needs_only_the_config_and_the_tokenizer(checkpoints, tmp_path):
+    folder, _ = checkpoints["gpt2"]
+    light = tmp_path / "no-weights"
+    shutil.copytree(folder, light, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    _, raw = _model_and_data(checkpoints, "gpt2")
+    client = build_model(f"hf:{light}", spec=raw.spec, pretrained=False)
+    server = build_model(f"hf:{folder}", spec=raw.spec)
+    assert client.state_dict().keys() == server.state_dict().keys()
+    with pytest.raises(HuggingFaceError, match="cannot be loaded"):
+        build_model(f"hf:{light}", spec=raw.spec)  # the server needs the weights
+
+
+def test_bert_pairs_get_their_segment_ids(tmp_path):
+    texts = [f"a b {i} c d" for i in range(20)]
+    folder = save_tiny_checkpoint(tmp_path / "bert", "bert", texts)
+    rows = [{"sentence1": f"a b {i}", "sentence2": "c d", "label": i % 2} for i in range(20)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    raw = load_raw(
+        DataKey("glue/mrpc", str(tmp_path / "data"), max_length=12, tokenizer=str(folder))
+    )
+    model = build_model(f"hf:{folder}", seed=0, spec=raw.spec).eval()
+    tokenizer = load_tokenizer(str(folder))
+    expected = tokenizer(
+        ["a b 0"],
+        ["c d"],
+        padding="max_length",
+        max_length=12,
+        return_tensors="pt",
+        return_token_type_ids=True,
+    )
+    assert torch.equal(raw.train_x[:1], expected["input_ids"])
+    with torch.no_grad():
+        got = model(raw.train_x[:1])
+        reference = model.model(
+            input_ids=expected["input_ids"],
+            attention_mask=expected["attention_mask"],
+            token_type_ids=expected["token_type_ids"],
+        ).logits
+    assert expected["token_type_ids"].sum() > 0
+    assert torch.allclose(got, reference, atol=1e-6)
+
+
+def test_hub_rows_through_flwr_datasets(checkpoints, monkeypatch):
+    """The hub branches, with flwr-datasets' FederatedDataset answering from memory."""
+    import flwr_datasets
+    from datasets import Dataset
+
+    asked = []
+
+    class Hub:
+        def __init__(self, *, dataset, subset=None, partitioners, shuffle):
+            asked.append((dataset, subset))
+            self.dataset = dataset
+
+        def load_split(self, split):
+            asked.append(split)
+            if self.dataset == "tuetschek/e2e_nlg":
+                return Dataset.from_list(e2e_rows(8, seed=len(asked)))
+            return Dataset.from_list(sst2_rows(8, seed=len(asked)))
+
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", Hub)
+    folder = checkpoints["gpt2"][0]
+    e2e = load_raw(DataKey("e2e_nlg", max_length=32, tokenizer=str(folder)))
+    assert e2e.spec.task == "causal-lm" and e2e.train_x.shape == (8, 32)
+    sst2 = load_raw(DataKey("glue/sst2", max_length=16, tokenizer=str(checkpoints["roberta"][0])))
+    assert sst2.spec.num_classes == 2 and sst2.test_x.shape == (8, 16)
+    assert asked == [
+        ("tuetschek/e2e_nlg", None),
+        "train",
+        "test",
+        ("nyu-mll/glue", "sst2"),
+        "train",
+        "validation",
+    ]

@@ -64,7 +64,8 @@ def client_data(config: Mapping[str, Any], context: Context) -> tuple[Split, Spl
 
 def _model(config: Mapping[str, Any]) -> torch.nn.Module:
     spec = input_spec(data_key(config))
-    return build_model(config["model"], config["dropout"], spec=spec).to(
+    # no checkpoint weights: what a client trains comes in the proxy
+    return build_model(config["model"], config["dropout"], spec=spec, pretrained=False).to(
         pick_device(config["device"])
     )
 

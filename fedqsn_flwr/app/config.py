@@ -361,6 +361,11 @@ def validate(config: Mapping[str, Any]) -> Config:
             f"dataset {out['dataset']!r} is for causal language models: set model = "
             "'hf:<folder>' (a GPT-2-style checkpoint with its tokenizer)"
         )
+    if out["dataset"] in LANGUAGE_MODELLING and out["max-length"] < 2:
+        raise ConfigError(
+            "config key 'max-length' must be at least 2 for a language model (a token "
+            "predicts the next one)"
+        )
     if out["dataset"] in LANGUAGE_MODELLING and out["partitioning"] != "iid":
         raise ConfigError(
             f"partitioning {out['partitioning']!r} splits by class label and dataset "

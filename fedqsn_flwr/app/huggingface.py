@@ -8,10 +8,18 @@ The task comes from the data, as in the paper's two settings:
 
 * class labels (GLUE-style rows, ``text`` files, ``sst2``...): sequence
   classification (``AutoModelForSequenceClassification``, RoBERTa/BERT family;
-  a new classification head is initialised from the run's seed when the
-  checkpoint has none);
+  a classification head the checkpoint lacks is initialised from torch's
+  generator, which the server seeds from its secret);
 * token targets (E2E-style rows): causal language modelling
-  (``AutoModelForCausalLM``, GPT-2 family), judged by token loss and perplexity.
+  (``AutoModelForCausalLM``, GPT-2 family; an encoder checkpoint is loaded with
+  ``is_decoder=True``, so that no position sees the tokens it predicts),
+  judged by token loss and perplexity.
+
+The server loads the checkpoint's weights (its starting point, before its
+private fine-tuning); a client builds the architecture from ``config.json``
+alone (``pretrained=False``): the weights it trains come in the proxy. A
+checkpoint's weights are public, though: masking hides only what the server's
+private training changed in them (see docs/experiments.md).
 
 :class:`HuggingFaceModel` puts the model behind this app's ``model(x) ->
 logits`` interface (``x``: token ids, padding = the tokenizer's pad token) and
@@ -100,14 +108,20 @@ class HuggingFaceModel(nn.Module):
     task : str
         ``"classification"`` (logits (N, classes)) or ``"causal-lm"`` (logits
         (N, T, vocabulary)).
+    sep_token_id : int, optional
+        For models with segment embeddings (BERT): tokens after the first
+        separator are the second sentence of a pair (token type 1).
 
     """
 
-    def __init__(self, model: nn.Module, pad_token_id: int, task: str) -> None:
+    def __init__(
+        self, model: nn.Module, pad_token_id: int, task: str, sep_token_id: int | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.pad_token_id = int(pad_token_id)
         self.task = task
+        self.sep_token_id = sep_token_id
         tied_state_once(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,14 +129,41 @@ class HuggingFaceModel(nn.Module):
         attention = (x != self.pad_token_id).long()
         # a row of only padding would attend to nothing
         attention[:, 0] = 1
-        return self.model(input_ids=x, attention_mask=attention).logits
+        extra: dict[str, torch.Tensor] = {}
+        if self.sep_token_id is not None:
+            # the tokenizer's token_type_ids, rebuilt: 1 after the first separator
+            sep = (x == self.sep_token_id).long()
+            extra["token_type_ids"] = ((sep.cumsum(dim=1) - sep) > 0).long()
+        return self.model(input_ids=x, attention_mask=attention, **extra).logits
 
 
-def load_hf_model(name: str, task: str, num_classes: int, vocab_size: int) -> HuggingFaceModel:
+def _positions(config: Any) -> int | None:
+    """Token positions the model can embed (None when it does not say)."""
+    positions = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", None
+    )
+    if positions is None:
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(config.pad_token_id) + 1  # their position ids start after padding
+    return int(positions)
+
+
+def load_hf_model(
+    name: str,
+    task: str,
+    num_classes: int,
+    vocab_size: int,
+    max_length: int = 0,
+    pretrained: bool = True,
+) -> HuggingFaceModel:
     """The model of ``hf:<folder>`` for ``task``, wrapped as :class:`HuggingFaceModel`.
 
-    Seed torch first: a classification head the checkpoint lacks is initialised
-    from torch's generator.
+    ``pretrained`` False builds the architecture from ``config.json`` alone
+    (random weights: a client, whose weights come in the proxy). Seed torch
+    first: new weights (a classification head the checkpoint lacks) come from
+    torch's generator. ``max_length`` (tokens per example) is checked against
+    the positions the model embeds.
     """
     transformers = _transformers()
     folder = hf_folder(name)
@@ -132,18 +173,34 @@ def load_hf_model(name: str, task: str, num_classes: int, vocab_size: int) -> Hu
         if task == CAUSAL_LM
         else transformers.AutoModelForSequenceClassification
     )
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if task != CAUSAL_LM:
-        kwargs["num_labels"] = num_classes
-        kwargs["pad_token_id"] = tokenizer.pad_token_id  # GPT-2 classifiers need one
     try:
-        model = auto.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError) as err:
-        raise HuggingFaceError(f"model '{name}' cannot be loaded for {task}: {err}") from err
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        if task == CAUSAL_LM:
+            if hasattr(config, "is_decoder"):
+                config.is_decoder = True  # an encoder checkpoint: causal attention
+        else:
+            config.num_labels = num_classes
+            config.pad_token_id = tokenizer.pad_token_id  # GPT-2 classifiers need one
+        if pretrained:
+            model = auto.from_pretrained(str(folder), config=config, local_files_only=True)
+        else:
+            model = auto.from_config(config)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise HuggingFaceError(f"model '{name}' cannot be loaded for {task}: {first}") from err
     embeddings = model.get_input_embeddings().weight.shape[0]
     if vocab_size > embeddings:
         raise HuggingFaceError(
             f"model '{name}': the tokenizer has {vocab_size} tokens but the model embeds "
             f"{embeddings}; save the model and tokenizer together"
         )
-    return HuggingFaceModel(model, tokenizer.pad_token_id, task)
+    positions = _positions(model.config)
+    if positions is not None and max_length > positions:
+        raise HuggingFaceError(
+            f"max-length {max_length} is more than model '{name}' can embed ({positions} "
+            "positions); lower max-length"
+        )
+    sep = None
+    if getattr(model.config, "type_vocab_size", 1) > 1 and tokenizer.sep_token_id is not None:
+        sep = int(tokenizer.sep_token_id)
+    return HuggingFaceModel(model, tokenizer.pad_token_id, task, sep)

@@ -305,19 +305,27 @@ def load_factory(path: str) -> ModelFactory:
 
 
 def build_model(
-    name: str, dropout: float = 0.2, seed: int | None = None, spec: InputSpec = DIGITS_SPEC
+    name: str,
+    dropout: float = 0.2,
+    seed: int | None = None,
+    spec: InputSpec = DIGITS_SPEC,
+    pretrained: bool = True,
 ) -> nn.Module:
     """Instantiate the model registered as ``name`` (or a factory path) for ``spec``.
 
     With ``seed``, the initial weights are those anyone can reproduce from the
-    code and the seed: the *public initialisation* of a run.
+    code and the seed: the *public initialisation* of a run. ``pretrained``
+    False builds a Hugging Face model from its config alone (no weights read:
+    a client's model, whose weights come in the proxy); other models ignore it.
     """
     if is_hf(name):
         if spec.kind != "text":
             raise ValueError(f"model '{name}' needs text; the data is {spec.kind}")
         if seed is not None:
             torch.manual_seed(seed)  # a new classification head
-        return load_hf_model(name, spec.task, spec.num_classes, spec.vocab_size)
+        return load_hf_model(
+            name, spec.task, spec.num_classes, spec.vocab_size, spec.shape[0], pretrained
+        )
     if spec.task != "classification":
         raise ValueError(
             f"model '{name}' is a classifier and the data is for {spec.task}; use a Hugging "

@@ -18,6 +18,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedqsn_flwr.app.config import output_root
+from fedqsn_flwr.app.sources import LANGUAGE_MODELLING
 from fedqsn_flwr.flower.strategies import MessageEntry
 
 METRIC_COLUMNS = (
@@ -85,6 +86,7 @@ class RunRecorder:
             raise RunFolderError(
                 f"config key 'output-dir': cannot write the run folder {self.directory}: {err}"
             ) from err
+        self.dataset = str(config["dataset"])
         self.metrics_path = self.directory / "metrics.csv"
         self.checkpoint_path = self.directory / "checkpoint.pt"
         self.rows: list[dict[str, float]] = []
@@ -183,8 +185,7 @@ class RunRecorder:
 
     def summary_table(self) -> str:
         """The per-round metrics as a fixed-width text table (perplexity for a language model)."""
-        language_model = any(math.isfinite(r.get("global_perplexity", math.nan)) for r in self.rows)
-        score = "perplexity" if language_model else "accuracy"
+        score = "perplexity" if self.dataset in LANGUAGE_MODELLING else "accuracy"
         columns = (
             "round",
             f"global_{score}",

@@ -37,7 +37,7 @@ from fedqsn_flwr.app.training import (
     train,
 )
 from fedqsn_flwr.core.feedback import GradientFn
-from fedqsn_flwr.core.masking import policy_for_model
+from fedqsn_flwr.core.masking import format_description, policy_for_model
 from fedqsn_flwr.core.secret import SecretError, resolve_secret, secret_seed, store_secret
 from fedqsn_flwr.flower.strategies import FedQSN, MeasuredFedAvg, MessageSink, StateEvaluateFn
 
@@ -293,10 +293,7 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
 
     def scores(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         loss, accuracy = evaluate_state(model, state, data.test)
-        found = {"accuracy": accuracy, "loss": loss}
-        if language_model:
-            found["perplexity"] = perplexity(loss)
-        return found
+        return {"accuracy": accuracy, "loss": loss}
 
     sink = recorder.save_received if config["save-messages"] else None
     if config["hidden-feedback"] and config["strategy"] in ("fedsn", "fedqsn"):
@@ -304,6 +301,9 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
     else:
         gradient_fn = None
     strategy = build_strategy(config, model, scores, sink, secret, gradient_fn)
+    if isinstance(strategy, FedQSN):
+        described = strategy.policy.describe(model.state_dict())
+        log(INFO, "What travels how (the mask policy):\n%s", format_description(described))
     initial = ArrayRecord(model.state_dict())
     if recorder.checkpoint is not None:
         checkpoint = recorder.checkpoint
@@ -316,14 +316,17 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
         server_scores = global_scores
         if isinstance(strategy, FedQSN):
             server_scores = scores(strategy.server_model(arrays))
-        row = recorder.add_round(
-            {
-                **strategy.round_log.get(server_round, {}),
-                "round": server_round,
-                **{f"global_{k}": v for k, v in global_scores.items()},
-                **{f"server_{k}": v for k, v in server_scores.items()},
-            }
-        )
+        values = {
+            **strategy.round_log.get(server_round, {}),
+            "round": server_round,
+            **{f"global_{k}": v for k, v in global_scores.items()},
+            **{f"server_{k}": v for k, v in server_scores.items()},
+        }
+        if language_model:
+            # exp of the mean loss (the proxies': over the round's clients), as the attacks
+            for who in ("global", "server", "proxy"):
+                values[f"{who}_perplexity"] = perplexity(values.get(f"{who}_loss", math.nan))
+        row = recorder.add_round(values)
         recorder.save_checkpoint(
             server_round, arrays.to_torch_state_dict(), strategy.checkpoint_state()
         )
@@ -344,10 +347,7 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
             row["bytes_up"],
         )
         return MetricRecord(
-            {
-                f"global-{score}": global_scores[score],
-                f"server-{score}": server_scores[score],
-            }
+            {f"global-{score}": row[f"global_{score}"], f"server-{score}": row[f"server_{score}"]}
         )
 
     result = strategy.start(

@@ -89,12 +89,12 @@ GLUE_HUB_ID = "nyu-mll/glue"
 #: E2E NLG on the hub, and the column names accepted (hub, original CSV files).
 E2E_HUB_ID = "tuetschek/e2e_nlg"
 E2E_COLUMNS = (("meaning_representation", "human_reference"), ("mr", "ref"))
-#: Between an E2E meaning representation and its reference text.
-E2E_SEPARATOR = " = "
+#: Between an E2E meaning representation and its reference (" " + reference).
+E2E_SEPARATOR = " ="
 #: Data sets whose examples are token targets for a causal language model.
 LANGUAGE_MODELLING = ("e2e_nlg",)
-LANGUAGE_DATASETS = tuple(f"glue/{task}" for task in GLUE_TASKS) + LANGUAGE_MODELLING
-DATASETS = ("digits", "mnist1d", *IMAGE_DATASETS, *TEXT_DATASETS, "text", *LANGUAGE_DATASETS)
+GLUE_E2E_DATASETS = tuple(f"glue/{task}" for task in GLUE_TASKS) + LANGUAGE_MODELLING
+DATASETS = ("digits", "mnist1d", *IMAGE_DATASETS, *TEXT_DATASETS, "text", *GLUE_E2E_DATASETS)
 #: MNIST-1D's signals: 1 channel of 40 values, 10 classes.
 MNIST1D_LENGTH = 40
 
@@ -180,7 +180,7 @@ def data_key(config: dict[str, Any] | Any) -> DataKey:
 
 def needs_hub(key: DataKey) -> bool:
     """Whether ``key`` is loaded from the Hugging Face Hub (network or its cache)."""
-    return (key.dataset in HF_DATASETS or key.dataset in LANGUAGE_DATASETS) and not key.data_dir
+    return (key.dataset in HF_DATASETS or key.dataset in GLUE_E2E_DATASETS) and not key.data_dir
 
 
 # -- text ------------------------------------------------------------------------
@@ -204,8 +204,16 @@ def _label_ids(labels: Sequence[Any], mapping: dict[str, int]) -> torch.Tensor:
 
 
 def _label_map(labels: Sequence[Any]) -> dict[str, int]:
-    """Integer labels keep their value; other labels are numbered in sorted order."""
+    """Integer labels keep their value; other labels are numbered in sorted order.
+
+    Negative integers are refused: GLUE marks its hidden test labels -1.
+    """
     names = sorted({str(label) for label in labels})
+    if any(re.fullmatch(r"-\d+", n) for n in names):
+        raise DataError(
+            "labels must not be negative (GLUE's test splits hide their labels as -1: use "
+            "the validation split as the test set)"
+        )
     if all(re.fullmatch(r"\d+", n) for n in names):
         return {n: int(n) for n in names}
     return {n: i for i, n in enumerate(names)}
@@ -334,14 +342,15 @@ def _hub_splits(dataset: str, subset: str | None, test_split: str, name: str) ->
         ) from err
 
 
-def _local_splits(key: DataKey) -> tuple[Path, Path | None]:
+def _local_splits(key: DataKey, tests: tuple[str, str]) -> tuple[Path, Path | None]:
+    """``train.*`` and the first of ``tests`` (file stems) found in ``data-dir``."""
     folder = Path(key.data_dir).expanduser()
     train = _find(folder, "train")
     if train is None:
         raise DataError(
             f"dataset '{key.dataset}' needs train.csv or train.jsonl in data-dir '{folder}'"
         )
-    return train, _find(folder, "validation") or _find(folder, "test")
+    return train, _find(folder, tests[0]) or _find(folder, tests[1])
 
 
 def _pick(rows: list[dict[str, Any]], choices: Sequence[Sequence[str]], path: Path) -> list[str]:
@@ -363,7 +372,8 @@ def load_glue(key: DataKey) -> RawData:
         return (columns[0], columns[1], columns[2]) if second else (columns[0], None, columns[1])
 
     if key.data_dir:
-        train_path, test_path = _local_splits(key)
+        # as on the hub: the validation split is the test set (GLUE hides test labels)
+        train_path, test_path = _local_splits(key, ("validation", "test"))
         splits = []
         for path in (train_path, test_path):
             if path is None:
@@ -408,7 +418,7 @@ def load_e2e(key: DataKey) -> RawData:
         )
     pairs: list[tuple[list[Any], list[Any]] | None] = []
     if key.data_dir:
-        for path in _local_splits(key):
+        for path in _local_splits(key, ("test", "validation")):  # as on the hub
             if path is None:
                 pairs.append(None)
                 continue
@@ -419,7 +429,8 @@ def load_e2e(key: DataKey) -> RawData:
         mr_name, ref_name = E2E_COLUMNS[0]
         for split in _hub_splits(E2E_HUB_ID, None, "test", key.dataset):
             pairs.append((list(split[mr_name]), list(split[ref_name])))
-    assert pairs[0] is not None
+    if pairs[0] is None:  # pragma: no cover - _local_splits always finds train.*
+        raise DataError(f"dataset '{key.dataset}' has no training rows")
     train_x, train_y, vocab = _lm_examples(*pairs[0], key)
     test_x = test_y = None
     if pairs[1] is not None:
@@ -666,7 +677,7 @@ def load_raw(key: DataKey) -> RawData:
         return load_digits_data()
     if key.dataset == "text":
         return load_text_files(key)
-    if key.dataset.startswith("glue/") and key.dataset in LANGUAGE_DATASETS:
+    if key.dataset.startswith("glue/") and key.dataset in GLUE_E2E_DATASETS:
         return load_glue(key)
     if key.dataset == "e2e_nlg":
         return load_e2e(key)

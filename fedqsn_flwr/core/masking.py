@@ -155,12 +155,14 @@ def tied_state_once(model: nn.Module) -> nn.Module:
             state.pop(prefix + alias, None)
 
     def allow_missing(module: nn.Module, incompatible: Any) -> None:
+        # keys are relative to the module load_state_dict was called on, which
+        # may hold this one under a prefix
         missing = incompatible.missing_keys
-        for alias in aliases:
-            if alias in missing:
-                missing.remove(alias)
+        for key in list(missing):
+            if any(key == alias or key.endswith("." + alias) for alias in aliases):
+                missing.remove(key)
 
-    model._register_state_dict_hook(drop_aliases)
+    model.register_state_dict_post_hook(drop_aliases)
     model.register_load_state_dict_post_hook(allow_missing)
     model._fedqsn_tied = dict(aliases)
     return model

@@ -295,7 +295,9 @@ def run_attacks(
             {"attack": name, metric.name: metric.value(score), "score": score, "detail": detail}
         )
 
-    def tune(state: Mapping[str, torch.Tensor], data_: Split, seed: int) -> tuple:
+    def tune(
+        state: Mapping[str, torch.Tensor], data_: Split, seed: int
+    ) -> tuple[float, float, int]:
         return finetune(model, state, data_, data.test, epochs, rates, seed, metric, optimizer)
 
     as_is = {p: metric.evaluate_state(model, proxy.state, data.test) for p, proxy in last.items()}

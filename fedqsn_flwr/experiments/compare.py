@@ -49,6 +49,7 @@ import yaml
 
 from fedqsn_flwr.app.config import STRATEGIES, ConfigError, resolve
 from fedqsn_flwr.app.results import read_metrics
+from fedqsn_flwr.experiments.plots import comparison_metric, run_metric
 
 SUMMARY_COLUMNS = (
     "strategy",
@@ -106,13 +107,6 @@ def _in_terms_of(column: str, metric: str) -> str:
     if metric == "perplexity" and column.endswith("_accuracy"):
         return column.removesuffix("_accuracy") + "_perplexity"
     return column
-
-
-def comparison_metric(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``perplexity`` when every run is a language model's, else ``accuracy``."""
-    if rows and all(r.get("metric") == "perplexity" for r in rows):
-        return "perplexity"
-    return "accuracy"
 
 
 PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep", "attack-epochs"}
@@ -229,8 +223,7 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         values = [r[column] for r in trained if not math.isnan(r[column])]
         return sum(values) / len(values) if values else math.nan
 
-    language_model = math.isfinite(last.get("global_perplexity", math.nan))
-    metric = "perplexity" if language_model else "accuracy"
+    metric = run_metric(run_dir)
     row: dict[str, Any] = {
         "strategy": spec.strategy,
         "knob": spec.knob,

@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedqsn_flwr.app.results import read_metrics
+from fedqsn_flwr.app.sources import LANGUAGE_MODELLING
 
 WHO = ("global", "server", "proxy")
 
@@ -22,8 +25,21 @@ def _scores(metric: str) -> list[tuple[str, str]]:
     return [(f"{who}_{metric}", who) for who in WHO]
 
 
-def _metric(rows: Sequence[Mapping[str, Any]]) -> str:
-    return str(rows[0].get("metric") or "accuracy")
+def run_metric(run_dir: Path) -> str:
+    """``perplexity`` for a run of a language-modelling data set, else ``accuracy``.
+
+    Decided by the run's configured data set, never by its numbers (a diverged
+    language model's perplexity is still its measure).
+    """
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return "perplexity" if config.get("dataset") in LANGUAGE_MODELLING else "accuracy"
+
+
+def comparison_metric(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``perplexity`` when every run is a language model's, else ``accuracy``."""
+    if rows and all(r.get("metric") == "perplexity" for r in rows):
+        return "perplexity"
+    return "accuracy"
 
 
 def _pyplot():  # noqa: ANN202 - matplotlib's module
@@ -214,7 +230,7 @@ def write_plots(rows: Sequence[Mapping[str, Any]], out: Path, attacked: bool) ->
     """
     if not rows:
         return []
-    metric = _metric(rows)
+    metric = comparison_metric(rows)
     curves = _per_round(rows)
     paths = [
         out / f"{metric}_per_round.png",

@@ -609,7 +609,10 @@ def decode_proxy(
     unit_axes: dict[str, int] = {}
     received: dict[str, PackedTensor] = {}
     if into is not None and (extra := sorted(set(into) - set(layout["tensors"]))):
-        raise ValueError(f"the proxy has no tensor for {extra}")
+        raise ValueError(
+            f"the proxy has no tensor for {extra} (if these share another tensor, as GPT-2's "
+            "lm_head.weight shares wte, call fedqsn_flwr.tied_state_once(model) on both sides)"
+        )
     for piece in iter_packed(arrays, layout, visible):
         target = None
         if into is not None:
