@@ -178,3 +178,16 @@ def test_similarity_sums_equal_sums_over_the_decoded_tensor(bit_width, shape, ax
     )
     # the hidden units' share of the gap is counted: it is most of it here
     np.testing.assert_allclose(found, expected, rtol=1e-12, atol=0)
+
+
+def test_single_threaded_kernels_are_cached_apart_from_the_parallel_ones():
+    """numba names cache entries by function: twins under one name served each other's code."""
+    pairs = [
+        (kernels._block_absmax, kernels._block_absmax_serial),
+        (kernels._quantize_pack, kernels._quantize_pack_serial),
+        (kernels._similarity_sums, kernels._similarity_sums_serial),
+        (kernels._aggregate_rows, kernels._aggregate_rows_serial),
+    ]
+    for parallel, serial in pairs:
+        assert parallel.py_func.__qualname__ != serial.py_func.__qualname__
+        assert not serial.targetoptions.get("parallel")

@@ -147,3 +147,55 @@ def test_logged_similarity_is_that_of_the_decoded_messages(base_config, bits):
     assert expected["cosine_masked"] < 0.99  # masks and codes moved the proxy away
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_unmasked_codes_measured_before_are_reused_only_when_equal():
+    """A reference measures an unmasked tensor once per distinct codes, with equal figures."""
+    from fedqsn_flwr.core.masking import derive_seed, draw_client_mask, draw_server_mask
+    from fedqsn_flwr.flower.proxy import encode_proxy, iter_packed
+
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    policy = policy_for_model(model)
+    state = model.state_dict()
+    server = draw_server_mask(policy, 0.3, seed=1)
+    moved = {k: v.clone() for k, v in state.items()}
+    unmasked = next(n for n in policy.quantized if n not in policy.unit_axes)
+    moved[unmasked] += 0.01  # other codes for an unmasked tensor
+    reference = SimilarityReference(state, list(policy.unit_axes))
+    for client, source in enumerate((state, state, moved, state)):
+        visible = draw_client_mask(server, 0.2, derive_seed("test", client))
+        arrays, layout, _ = encode_proxy(source, policy, visible, 4, 64)
+        found = reference.compare_packed(iter_packed(arrays, layout), 4, 64)
+        fresh = SimilarityReference(state, list(policy.unit_axes))
+        assert found == fresh.compare_packed(iter_packed(arrays, layout), 4, 64)
+
+
+def test_exposure_marks_collected_per_unit_fill_the_dense_masks_as_before():
+    from fedqsn_flwr.flower.privacy import ExposureTracker
+
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    policy = policy_for_model(model)
+    state = model.state_dict()
+    tracker = ExposureTracker(state, policy)
+    expected = {n: torch.zeros(shape, dtype=torch.bool) for n, shape in tracker.shapes.items()}
+    generator = torch.Generator().manual_seed(3)
+    for step in range(3):
+        for name, shape in tracker.shapes.items():
+            axis = policy.unit_axes.get(name, -1)
+            if axis < 0:
+                if step == 1:
+                    tracker.add_tensor(name, -1, None)
+                    expected[name][...] = True
+                continue
+            units = torch.randperm(shape[axis], generator=generator)[: shape[axis] // 3]
+            tracker.add_tensor(name, axis, units)
+            expected[name].index_fill_(axis, units, True)
+        # read between marks, and marks after reading, both count
+        assert all(torch.equal(tracker.seen[n], expected[n]) for n in expected)
+        total = sum(int(m.sum()) for m in expected.values()) / tracker.total
+        assert tracker.exposure == total
+    restored = ExposureTracker(state, policy)
+    restored.seen = {n: m.clone() for n, m in tracker.seen.items()}
+    assert restored.exposure == tracker.exposure

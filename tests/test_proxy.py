@@ -244,3 +244,48 @@ def test_array_values_equal_flowers_own_parser(values):
     got = array_values(array)
     assert got.dtype == array.numpy().dtype and got.shape == array.numpy().shape
     assert np.array_equal(got, array.numpy())
+
+
+@pytest.mark.parametrize("bits", [None, 3, 4])
+def test_proxies_sharing_the_unmasked_codes_are_byte_for_byte_the_same(bits):
+    _, policy, state, visible = _setup()
+    other = draw_client_mask(draw_server_mask(policy, 0.3, seed=11), 0.2, 5)
+    shared = {}
+    for mask in (visible, other, visible):
+        arrays, layout, spec = encode_proxy(state, policy, mask, bits, 50, shared=shared)
+        alone, alone_layout, alone_spec = encode_proxy(state, policy, mask, bits, 50)
+        assert sorted(arrays.keys()) == sorted(alone.keys())
+        assert all(arrays[k].data == alone[k].data for k in alone.keys())
+        assert dict(layout) == dict(alone_layout) and spec.update_shapes == alone_spec.update_shapes
+    # quantized once: the unmasked quantized tensors, nothing else
+    unmasked = {n for n in policy.quantized if n not in policy.unit_axes}
+    assert set(shared) == (unmasked if bits is not None else set())
+
+
+@pytest.mark.parametrize("update_bits", [32, 16, 4])
+def test_checked_update_keeps_the_reply_and_finds_its_norm(update_bits):
+    """No copy of the reply's values; decode_update's deltas and norm, and its first error."""
+    from fedqsn_flwr.flower.proxy import checked_update
+
+    _, policy, state, visible = _setup()
+    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bits)
+    proxy = decode_proxy(arrays, layout)
+    generator = torch.Generator().manual_seed(4)
+    trained = {k: v + torch.randn(v.shape, generator=generator) for k, v in proxy.state.items()}
+    update = encode_update(trained, proxy)
+    checked, norm = checked_update(update, spec, policy)
+    deltas = decode_update(update, spec, policy)
+    expected = sum(float(d.double().pow(2).sum()) for d in deltas.values()) ** 0.5
+    assert norm == pytest.approx(expected, rel=1e-12)
+    for name, delta in deltas.items():
+        assert torch.equal(checked.in_global_units(name), delta)
+    if update_bits == 16:
+        assert checked.deltas["fc1.bias"].dtype == torch.float16
+    # a NaN in an earlier tensor is named before a wrong dtype in a later one
+    if update_bits == 32:
+        names = list(spec.update_shapes)
+        first, last = names[0], names[-1]
+        spoiled = _bad(update, first, np.full(spec.update_shapes[first], np.nan, np.float32))
+        spoiled = _bad(spoiled, last, np.zeros(spec.update_shapes[last], np.float64))
+        with pytest.raises(InvalidUpdate, match=f"'{first}' holds NaN"):
+            checked_update(spoiled, spec, policy)

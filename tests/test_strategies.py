@@ -122,3 +122,33 @@ def test_fedavg_keeps_integer_buffers_integer_across_rounds(base_config):
         assert strategy.round_log[server_round]["num_aggregated"] == 2
     counter = arrays["1.num_batches_tracked"].numpy()
     assert counter.dtype == np.int64 and counter.shape == () and int(counter) == 6
+
+
+def test_message_bytes_is_the_serialized_size_without_serializing(monkeypatch):
+    """Sizes computed from a hollow message equal the serialized ones, at every varint step."""
+    from flwr.app import Array, ConfigRecord, Error, Message, MetricRecord, RecordDict
+    from flwr.common.serde import message_to_proto
+
+    from fedqsn_flwr.flower.strategies import utils
+
+    monkeypatch.setattr(utils, "_SERIALIZE_BELOW", 0)  # the computed size, however small
+    # array sizes around the lengths where a length prefix (at any nesting level) grows
+    sizes = [0, 1, 90, 127, 128, 200, 16_300, 16_383, 16_384, 70_000, 2**21 - 60, 2**21 + 5]
+    messages = []
+    for size in sizes:
+        arrays = ArrayRecord(
+            {"a": Array(np.zeros(size, np.uint8)), "b": Array(np.ones((3, 4), np.float16))}
+        )
+        content = RecordDict(
+            {
+                "proxy": arrays,
+                "config": ConfigRecord({"x": 1, "s": "abc"}),
+                "metrics": MetricRecord({"n": 3.5}),
+                "empty": ArrayRecord(),
+            }
+        )
+        sent = Message(content=content, message_type="train", dst_node_id=5)
+        messages += [sent, Message(RecordDict({"update": arrays}), reply_to=sent)]
+        messages.append(Message(Error(code=1, reason="failed"), reply_to=sent))
+    for message in messages:
+        assert utils.message_bytes(message) == message_to_proto(message).ByteSize()

@@ -19,12 +19,17 @@ reference path.
 from __future__ import annotations
 
 import math
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 
 try:
     from numba import njit, prange
+    from numba.typed import List
 
     AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised only without numba
@@ -32,10 +37,14 @@ except ImportError:  # pragma: no cover - exercised only without numba
 
 __all__ = [
     "AVAILABLE",
+    "aggregate_rows",
     "block_absmax",
     "dequantize_scatter",
     "dequantize_unpack",
+    "many_scaled_squares",
+    "many_similarity_sums",
     "quantize_pack",
+    "scaled_squares",
     "similarity_sums",
 ]
 
@@ -277,70 +286,258 @@ if AVAILABLE:
                         start = hidden[h] * inner
                         dense[start : start + inner] = np.float32(0.0)
 
-    @njit(parallel=True, cache=True)
-    def _similarity_sums(
+    @njit(inline="always", fastmath={"reassoc"}, error_model="numpy")
+    def _run_sums(
         packed: np.ndarray,
         scales: np.ndarray,
         levels: np.ndarray,
         bit_width: int,
         block_size: int,
-        outer: int,
-        units: np.ndarray,
-        hidden: np.ndarray,
-        num_units: int,
-        inner: int,
+        i: int,
+        count: int,
         factor: float,
         reference: np.ndarray,
+        base: int,
+        units: np.ndarray,
+    ) -> tuple[float, float, float]:
+        # Sums over codes i .. i+count-1 against reference[base + t] (units empty)
+        # or reference[base + units[t]], t = 0 .. count-1, a block's run at a
+        # time (its scale fixed, no per-value block bookkeeping). Sums may be
+        # reassociated: the compiler splits them into vector lanes.
+        dot = 0.0
+        own = 0.0
+        gap = 0.0
+        t = 0
+        while t < count:
+            block = (i + t) // block_size
+            stop = min(count, (block + 1) * block_size - i)
+            scale = scales[block]
+            for j in range(t, stop):
+                if bit_width == 4:
+                    code = (np.int64(packed[(i + j) >> 1]) >> ((((i + j) & 1) ^ 1) << 2)) & 15
+                else:
+                    code = _code(packed, bit_width, i + j)
+                a = np.float64(levels[code] * scale) * factor
+                if units.size == 0:
+                    b = np.float64(reference[base + j])
+                else:
+                    b = np.float64(reference[base + units[j]])
+                dot += a * b
+                own += a * a
+                gap += (a - b) * (a - b)
+            t = stop
+        return dot, own, gap
+
+    @njit(parallel=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+    def _similarity_sums(
+        packeds: Any,
+        scaless: Any,
+        levels: np.ndarray,
+        bit_width: int,
+        block_size: int,
+        shapes: np.ndarray,
+        unit_lists: Any,
+        hiddens: Any,
+        factors: np.ndarray,
+        references: Any,
+        job_tensor: np.ndarray,
+        job_row: np.ndarray,
+        job_rows: np.ndarray,
         out: np.ndarray,
     ) -> None:
         # Walks the codes as the scatter kernels do, but instead of writing the
-        # dense tensor it sums, per row o, a.b, a.a and (a-b)^2 in float64 against
-        # the dense reference b (a = decoded value * factor; a = 0 at hidden units).
-        visible = units.size
-        for o in prange(outer):
-            i = o * visible * inner
-            block = i // block_size
-            boundary = (block + 1) * block_size
-            row = o * num_units
+        # dense tensor it sums a.b, a.a and (a-b)^2 in float64 against the dense
+        # reference b (a = decoded value * factor; a = 0 at hidden units), per
+        # job: rows job_row .. job_row + job_rows - 1 of tensor job_tensor. Every
+        # tensor of a proxy in one call: the threads start once, not per tensor.
+        contiguous = np.zeros(0, dtype=np.int64)
+        for job in prange(job_tensor.size):
+            t = job_tensor[job]
+            packed = packeds[t]
+            scales = scaless[t]
+            units = unit_lists[t]
+            hidden = hiddens[t]
+            reference = references[t]
+            num_units = shapes[t, 1]
+            inner = shapes[t, 2]
+            factor = factors[t]
+            visible = units.size
             dot = 0.0
             own = 0.0
             gap = 0.0
-            for v in range(visible):
-                base = (row + units[v]) * inner
-                for k in range(inner):
-                    if i >= boundary:
-                        block += 1
-                        boundary += block_size
-                    if bit_width == 4:
-                        code = (np.int64(packed[i >> 1]) >> (((i & 1) ^ 1) << 2)) & 15
+            for o in range(job_row[job], job_row[job] + job_rows[job]):
+                row = o * num_units
+                if inner == 1:  # a row's codes in one run, its reference gathered by unit
+                    d, w, g = _run_sums(
+                        packed,
+                        scales,
+                        levels,
+                        bit_width,
+                        block_size,
+                        o * visible,
+                        visible,
+                        factor,
+                        reference,
+                        row,
+                        units,
+                    )
+                    dot += d
+                    own += w
+                    gap += g
+                else:  # a run per visible unit, its reference contiguous
+                    for v in range(visible):
+                        d, w, g = _run_sums(
+                            packed,
+                            scales,
+                            levels,
+                            bit_width,
+                            block_size,
+                            (o * visible + v) * inner,
+                            inner,
+                            factor,
+                            reference,
+                            (row + units[v]) * inner,
+                            contiguous,
+                        )
+                        dot += d
+                        own += w
+                        gap += g
+                for h in range(hidden.size):
+                    base = (row + hidden[h]) * inner
+                    for k in range(inner):
+                        b = np.float64(reference[base + k])
+                        gap += b * b
+            out[job, 0] = dot
+            out[job, 1] = own
+            out[job, 2] = gap
+
+    @njit(parallel=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+    def _scaled_squares(
+        datas: Any,
+        table: np.ndarray,
+        divisors: np.ndarray,
+        job_array: np.ndarray,
+        job_start: np.ndarray,
+        chunk: int,
+        out: np.ndarray,
+    ) -> None:
+        # out[job]: sum of float64(float32(x / divisor))**2 over one chunk of one
+        # array; fixed chunks, so the totals do not depend on the number of
+        # threads (within a chunk the sum may be split into vector lanes)
+        for job in prange(job_array.size):
+            data = datas[job_array[job]]
+            divisor = divisors[job_array[job]]
+            total = 0.0
+            if table.size == 0:
+                for i in range(job_start[job], min(job_start[job] + chunk, data.size)):
+                    value = np.float64(np.float32(data[i]) / divisor)
+                    total += value * value
+            else:
+                for i in range(job_start[job], min(job_start[job] + chunk, data.size)):
+                    value = np.float64(table[np.int64(data[i])] / divisor)
+                    total += value * value
+            out[job] = total
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def _aggregate_rows(
+        base: np.ndarray,
+        outer: int,
+        num_units: int,
+        inner: int,
+        width: int,
+        datas: Any,
+        unit_lists: Any,
+        table: np.ndarray,
+        divisors: np.ndarray,
+        weights: np.ndarray,
+        unit_weights: np.ndarray,
+        out: np.ndarray,
+    ) -> None:
+        # Job (o, k0): row o, entries k0 .. k0+width-1 of every unit. Its sums over
+        # all clients stay in a small float64 buffer (in cache) while every
+        # client's slices of that row stream past once; each position sums its
+        # clients in order, exactly as apply_updates' reference does. (The
+        # numpy error model: no zero check in the divisions, which vectorize.)
+        pieces = (inner + width - 1) // width
+        for job in prange(outer * pieces):
+            o = job // pieces
+            k0 = (job - o * pieces) * width
+            span = min(width, inner - k0)
+            acc = np.zeros(num_units * span)
+            for c in range(len(datas)):
+                data = datas[c]
+                units = unit_lists[c]
+                visible = units.size
+                divisor = divisors[c]
+                weight = weights[c]
+                row = o * visible * inner + k0
+                if span == 1:
+                    if table.size == 0:
+                        for v in range(visible):
+                            x = np.float32(data[row + v * inner])
+                            acc[units[v]] += np.float64(x / divisor) * weight
                     else:
-                        code = _code(packed, bit_width, i)
-                    a = np.float64(levels[code] * scales[block]) * factor
-                    b = np.float64(reference[base + k])
-                    dot += a * b
-                    own += a * a
-                    gap += (a - b) * (a - b)
-                    i += 1
-            for h in range(hidden.size):
-                base = (row + hidden[h]) * inner
-                for k in range(inner):
-                    b = np.float64(reference[base + k])
-                    gap += b * b
-            out[o, 0] = dot
-            out[o, 1] = own
-            out[o, 2] = gap
+                        for v in range(visible):
+                            x = table[np.int64(data[row + v * inner])]
+                            acc[units[v]] += np.float64(x / divisor) * weight
+                    continue
+                for v in range(visible):
+                    src = row + v * inner
+                    dst = units[v] * span
+                    if table.size == 0:
+                        for k in range(span):
+                            x = np.float32(data[src + k])
+                            acc[dst + k] += np.float64(x / divisor) * weight
+                    else:
+                        for k in range(span):
+                            x = table[np.int64(data[src + k])]
+                            acc[dst + k] += np.float64(x / divisor) * weight
+            # base + weighted mean where any client saw the unit, base + 0.0 elsewhere
+            start = o * num_units * inner + k0
+            if inner == 1:
+                for u in range(num_units):
+                    mean = acc[u] / max(unit_weights[u], 1e-300)
+                    mean = mean if unit_weights[u] > 0 else 0.0
+                    out[start + u] = np.float32(np.float64(base[start + u]) + mean)
+                continue
+            for u in range(num_units):
+                total_weight = unit_weights[u]
+                for k in range(span):
+                    mean = acc[u * span + k] / max(total_weight, 1e-300)
+                    mean = mean if total_weight > 0 else 0.0
+                    at = start + u * inner + k
+                    out[at] = np.float32(np.float64(base[at]) + mean)
+
+    def _serial(kernel: Any, **options: Any) -> Any:
+        """A single-threaded twin of ``kernel``, compiled and cached apart from it.
+
+        numba's cache tells functions apart by qualified name and signature, not
+        by flags: ``njit(cache=True)(kernel.py_func)`` shared the parallel
+        kernel's cache entry, so whichever variant compiled first served both
+        (a "serial" kernel starting threads, or a "parallel" one running on one).
+        """
+        func = kernel.py_func
+        twin = types.FunctionType(
+            func.__code__, func.__globals__, f"{func.__name__}_serial", func.__defaults__
+        )
+        twin.__qualname__ = f"{func.__qualname__}_serial"
+        return njit(cache=True, **options)(twin)
 
     # Starting the thread pool costs ~10 us per call: more than the whole work
     # on the small tensors of small models (biases, first layers).
-    _block_absmax_serial = njit(cache=True)(_block_absmax.py_func)
-    _quantize_pack_serial = njit(cache=True)(_quantize_pack.py_func)
-    _dequantize_unpack_serial = njit(cache=True)(_dequantize_unpack.py_func)
-    _scatter_long_serial = njit(cache=True)(_scatter_long.py_func)
-    _scatter_short_serial = njit(cache=True)(_scatter_short.py_func)
-    _similarity_sums_serial = njit(cache=True)(_similarity_sums.py_func)
+    _block_absmax_serial = _serial(_block_absmax)
+    _quantize_pack_serial = _serial(_quantize_pack)
+    _dequantize_unpack_serial = _serial(_dequantize_unpack)
+    _scatter_long_serial = _serial(_scatter_long)
+    _scatter_short_serial = _serial(_scatter_short)
+    _similarity_sums_serial = _serial(_similarity_sums, fastmath={"reassoc"}, error_model="numpy")
+    _scaled_squares_serial = _serial(_scaled_squares, fastmath={"reassoc"}, error_model="numpy")
+    _aggregate_rows_serial = _serial(_aggregate_rows, error_model="numpy")
 
 #: Below this many values the kernels run on one thread.
 PARALLEL_THRESHOLD = 1 << 16
+#: Values per job of the similarity kernel (whole rows of one tensor).
+_SIMILARITY_JOB = 1 << 14
 
 
 def block_absmax(flat: np.ndarray, block_size: int) -> np.ndarray:
@@ -484,27 +681,193 @@ def similarity_sums(
     as :func:`dequantize_unpack`), times ``factor``; ``reference`` is ``b``, flat
     float32 of ``shape``.
     """
+    item = SimilarityItem(packed, scales, shape, axis, units, factor, reference)
+    return many_similarity_sums([item], levels, bit_width, block_size)[0]
+
+
+@dataclass(frozen=True)
+class SimilarityItem:
+    """One tensor for :func:`many_similarity_sums` (the arguments of :func:`similarity_sums`)."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    shape: tuple[int, ...]
+    axis: int
+    units: np.ndarray | None
+    factor: float
+    reference: np.ndarray
+
+
+def many_similarity_sums(
+    items: Sequence[SimilarityItem], levels: np.ndarray, bit_width: int, block_size: int
+) -> list[tuple[float, float, float]]:
+    """:func:`similarity_sums` of every item, in one call of the kernel (codes of one width)."""
+    packeds, scaless, unit_lists, hiddens, references = List(), List(), List(), List(), List()
+    shapes = np.zeros((len(items), 3), dtype=np.int64)
+    factors = np.zeros(len(items), dtype=np.float64)
+    for t, item in enumerate(items):
+        outer, num_units, inner = _rows(item.shape, item.axis)
+        units = np.arange(num_units) if item.units is None else item.units
+        shapes[t] = outer, num_units, inner
+        factors[t] = item.factor
+        packeds.append(_frozen(item.packed))
+        scaless.append(_frozen(item.scales))
+        unit_lists.append(_frozen(units.astype(np.int64)))
+        hiddens.append(_frozen(_hidden(num_units, units)))
+        references.append(_frozen(item.reference))
+    # jobs of whole rows, about _SIMILARITY_JOB values each
+    row_values = np.array([u.size for u in unit_lists], dtype=np.int64) * shapes[:, 2]
+    per_job = np.maximum(1, _SIMILARITY_JOB // np.maximum(row_values, 1))
+    jobs = -(-shapes[:, 0] // per_job)
+    job_tensor = np.repeat(np.arange(len(items), dtype=np.int64), jobs)
+    starts = np.concatenate([[0], np.cumsum(jobs)])
+    job_row = (np.arange(job_tensor.size, dtype=np.int64) - starts[job_tensor]) * per_job[
+        job_tensor
+    ]
+    job_rows = np.minimum(per_job[job_tensor], shapes[job_tensor, 0] - job_row)
+    out = np.zeros((job_tensor.size, 3), dtype=np.float64)
+    if job_tensor.size:
+        count = int((shapes[:, 0] * row_values).sum())
+        parallel = count >= PARALLEL_THRESHOLD and job_tensor.size > 1
+        kernel = _similarity_sums if parallel else _similarity_sums_serial
+        kernel(
+            packeds,
+            scaless,
+            levels,
+            bit_width,
+            block_size,
+            shapes,
+            unit_lists,
+            hiddens,
+            factors,
+            references,
+            job_tensor,
+            job_row,
+            job_rows,
+            out,
+        )
+    sums = []
+    for t in range(len(items)):
+        dot, own, gap = out[starts[t] : starts[t + 1]].sum(axis=0)
+        sums.append((float(dot), float(own), float(gap)))
+    return sums
+
+
+#: Every float16 value as float32, indexed by its bits (the kernels' float16 reads).
+_FLOAT16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+_FLOAT16_TABLE = _FLOAT16_TABLE.astype(np.float32)
+_NO_TABLE = np.zeros(0, dtype=np.float32)
+#: Values per partial sum of :func:`scaled_squares`.
+_SQUARES_CHUNK = 1 << 16
+
+
+def _frozen(values: np.ndarray) -> np.ndarray:
+    """A read-only view of ``values``: one array type for the kernels' typed lists.
+
+    numba types read-only and writable arrays apart, and a typed list holds one
+    type; the messages' arrays are read-only, the server's own are not.
+    """
+    view = values.view()
+    view.flags.writeable = False
+    return view
+
+
+def _kernel_data(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` flat and read-only as the kernels read them: float32 as is, float16 as bits."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if flat.dtype == np.float16:
+        return _frozen(flat.view(np.uint16)), _FLOAT16_TABLE
+    if flat.dtype != np.float32:
+        raise TypeError(f"the kernels read float32 or float16 values, not {flat.dtype}")
+    return _frozen(flat), _NO_TABLE
+
+
+def scaled_squares(values: np.ndarray, divisor: float = 1.0) -> float:
+    """Sum of ``float64(float32(x / divisor)) ** 2`` over float32 or float16 ``values``.
+
+    Not finite exactly when a value is not (a finite float32 squared in float64
+    cannot overflow). The division is float32's, as ``torch.Tensor / float``.
+    """
+    return many_scaled_squares([values], [divisor])[0]
+
+
+def many_scaled_squares(values: Sequence[np.ndarray], divisors: Sequence[float]) -> list[float]:
+    """:func:`scaled_squares` of every array, one call of the kernel per dtype."""
+    totals = [0.0] * len(values)
+    for float16 in (False, True):
+        chosen = [i for i, v in enumerate(values) if (v.dtype == np.float16) == float16]
+        if not chosen:
+            continue
+        datas = List()
+        table = _NO_TABLE
+        for i in chosen:
+            data, table = _kernel_data(values[i])
+            datas.append(data)
+        jobs = np.array([max(1, -(-d.size // _SQUARES_CHUNK)) for d in datas], dtype=np.int64)
+        job_array = np.repeat(np.arange(len(chosen), dtype=np.int64), jobs)
+        starts = np.concatenate([[0], np.cumsum(jobs)])
+        job_start = (np.arange(job_array.size, dtype=np.int64) - starts[job_array]) * _SQUARES_CHUNK
+        out = np.empty(job_array.size, dtype=np.float64)
+        size = sum(d.size for d in datas)
+        kernel = _scaled_squares if size >= PARALLEL_THRESHOLD else _scaled_squares_serial
+        divs = np.array([divisors[i] for i in chosen], dtype=np.float32)
+        kernel(datas, table, divs, job_array, job_start, _SQUARES_CHUNK, out)
+        for j, i in enumerate(chosen):
+            totals[i] = float(out[starts[j] : starts[j + 1]].sum())
+    return totals
+
+
+def aggregate_rows(
+    base: np.ndarray,
+    shape: tuple[int, ...],
+    axis: int,
+    deltas: Sequence[np.ndarray],
+    units: Sequence[np.ndarray | None],
+    divisors: Sequence[float],
+    weights: Sequence[float],
+    out: np.ndarray,
+) -> None:
+    """``base`` plus the per-position weighted mean of ``deltas``, into ``out``.
+
+    The kernel behind :func:`fedqsn_flwr.core.aggregation.apply_updates`, with the
+    same float32 and float64 operations in the same order, so the same result bit
+    for bit. ``base`` and ``out`` are flat float32 of ``shape``. Delta ``c`` is
+    float32 or float16 of ``shape`` with only ``units[c]`` along ``axis`` (every
+    unit when ``axis`` is -1), in global units once divided by ``divisors[c]`` in
+    float32; it weighs ``weights[c]``. All deltas have the same dtype.
+    """
     outer, num_units, inner = _rows(shape, axis)
-    if units is None:
-        units = np.arange(num_units)
-    count = outer * units.size * inner
-    out = np.empty((outer, 3), dtype=np.float64)
-    parallel = count >= PARALLEL_THRESHOLD and outer > 1
-    kernel = _similarity_sums if parallel else _similarity_sums_serial
+    unit_weights = np.zeros(num_units, dtype=np.float64)
+    datas, tables, unit_lists = List(), set(), List()
+    every = np.arange(num_units, dtype=np.int64)
+    for delta, visible, weight in zip(deltas, units, weights, strict=True):
+        visible = every if visible is None else visible
+        data, table = _kernel_data(delta)
+        if data.size != outer * visible.size * inner:
+            raise ValueError(f"a delta has {data.size} values for {visible.size} units of {shape}")
+        datas.append(data)
+        tables.add(id(table))
+        unit_lists.append(visible.astype(np.int64))
+        unit_weights[visible] += weight
+    if len(tables) > 1:
+        raise TypeError("the deltas mix float16 and float32")
+    table = _FLOAT16_TABLE if id(_FLOAT16_TABLE) in tables else _NO_TABLE
+    # a row's sums in a buffer of at most 8 K values (64 KB): in cache, and
+    # below the size at which malloc maps fresh pages for every job
+    width = max(1, min(inner, (1 << 13) // num_units))
+    count = outer * num_units * inner
+    kernel = _aggregate_rows if count >= PARALLEL_THRESHOLD else _aggregate_rows_serial
     kernel(
-        packed,
-        scales,
-        levels,
-        bit_width,
-        block_size,
+        base,
         outer,
-        units.astype(np.int64),
-        _hidden(num_units, units),
         num_units,
         inner,
-        float(factor),
-        reference,
+        width,
+        datas,
+        unit_lists,
+        table,
+        np.asarray(divisors, dtype=np.float32),
+        np.asarray(weights, dtype=np.float64),
+        unit_weights,
         out,
     )
-    dot, own, gap = out.sum(axis=0)
-    return float(dot), float(own), float(gap)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fedqsn_flwr.core import kernels
+from fedqsn_flwr.core.aggregation import sums_of_squares
 from fedqsn_flwr.core.masking import MaskPolicy, UnitMask, num_hidden
 from fedqsn_flwr.core.quantization import kernel_inputs
 from fedqsn_flwr.flower.proxy import PackedTensor, Proxy, unpack_tensor
@@ -46,6 +47,9 @@ def _flat(state: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([state[n].reshape(-1).to(torch.float64) for n in names])
 
 
+#: ``(a.b, a.a, |a-b|^2)`` of a proxy's tensor ``a`` and the global tensor ``b``.
+Sums = tuple[float, float, float]
+
 # Values per float64 chunk when comparing tensors: bounded temporaries for any model.
 _CHUNK = 1 << 20
 
@@ -69,15 +73,16 @@ class SimilarityReference:
         self.global_state = global_state
         names = [n for n, t in global_state.items() if t.is_floating_point()]
         self.subsets = {"all": names, "masked": [n for n in names if n in masked]}
-        self.squares = {n: float(global_state[n].double().pow(2).sum()) for n in names}
-        # Small tensors (most of them, in count) as float64 numpy vectors: numpy's
-        # per-call cost is a fraction of torch's, and this runs for every client.
-        self.small = {
-            n: global_state[n].detach().cpu().double().reshape(-1).numpy()
-            for n in names
-            if global_state[n].numel() <= _CHUNK
-        }
+        found = sums_of_squares([global_state[n] for n in names], [1.0] * len(names))
+        self.squares = dict(zip(names, found, strict=True))
+        # Small tensors (most of them, in count) as float64 numpy vectors, made
+        # when first compared dense (:meth:`_sums`): numpy's per-call cost is a
+        # fraction of torch's, and this runs for every client.
+        self.small: dict[str, np.ndarray] = {}
         self._flat: dict[str, np.ndarray] = {}
+        # sums of unmasked tensors' codes already measured, by name: every proxy
+        # of a round carries the same codes for them (checked, not assumed)
+        self._measured: dict[str, tuple[tuple[object, ...], np.ndarray, np.ndarray, Sums]] = {}
 
     def __call__(
         self, proxy: Mapping[str, torch.Tensor], factors: Mapping[str, float] | None = None
@@ -110,31 +115,60 @@ class SimilarityReference:
         Quantized tensors are compared code by code, without decoding them into
         dense tensors first (see :func:`fedqsn_flwr.core.kernels.similarity_sums`); the
         figures equal those of the decoded proxy up to float64 summation order.
+        Every quantized tensor is measured in one call of the kernel; an unmasked
+        tensor whose codes equal those of a proxy measured before (every proxy of
+        a round carries the same) takes that proxy's figures.
         """
-        sums: dict[str, tuple[float, float, float]] = {}
+        sums: dict[str, Sums] = {}
+        batch: dict[str, kernels.SimilarityItem] = {}
+        levels = None
         for piece in pieces:
             if piece.name not in self.squares:
                 continue
             if piece.packed is not None and kernels.AVAILABLE:
                 assert piece.scales is not None
                 packed, scales, levels = kernel_inputs(piece.packed, piece.scales, bit_width)
-                units = None if piece.units is None else piece.units.numpy()
-                sums[piece.name] = kernels.similarity_sums(
+                item = kernels.SimilarityItem(
                     packed,
                     scales,
-                    levels,
-                    bit_width,
-                    block_size,
                     piece.shape,
                     piece.axis,
-                    units,
+                    None if piece.units is None else piece.units.numpy(),
                     piece.unit_factor,
                     self._flat32(piece.name),
                 )
+                before = self._measured_before(piece.name, item, bit_width, block_size)
+                if before is None:
+                    batch[piece.name] = item
+                else:
+                    sums[piece.name] = before
             else:
                 dense = unpack_tensor(piece, bit_width, block_size)
                 sums[piece.name] = self._sums(piece.name, dense, piece.unit_factor)
+        if batch:  # every quantized tensor in one kernel call
+            assert levels is not None
+            items = list(batch.values())
+            found = kernels.many_similarity_sums(items, levels, bit_width, block_size)
+            sums.update(zip(batch, found, strict=True))
+            for (name, item), value in zip(batch.items(), found, strict=True):
+                if item.units is None:
+                    key = (item.shape, item.factor, bit_width, block_size)
+                    self._measured[name] = (key, item.packed, item.scales, value)
         return self._metrics(sums)
+
+    def _measured_before(
+        self, name: str, item: kernels.SimilarityItem, bit_width: int, block_size: int
+    ) -> Sums | None:
+        """The sums of an unmasked tensor whose codes and scales were measured before."""
+        if item.units is not None or name not in self._measured:
+            return None
+        key, packed, scales, value = self._measured[name]
+        same = (
+            key == (item.shape, item.factor, bit_width, block_size)
+            and np.array_equal(packed, item.packed)
+            and np.array_equal(scales, item.scales)
+        )
+        return value if same else None
 
     def _flat32(self, name: str) -> np.ndarray:
         if name not in self._flat:
@@ -144,8 +178,11 @@ class SimilarityReference:
 
     def _sums(self, name: str, tensor: torch.Tensor, factor: float) -> tuple[float, float, float]:
         """``(a.b, a.a, |a-b|^2)`` of ``a = tensor * factor`` and the global tensor ``b``."""
-        if name in self.small:
-            b_small = self.small[name]
+        if self.global_state[name].numel() <= _CHUNK:
+            b_small = self.small.get(name)
+            if b_small is None:
+                global_tensor = self.global_state[name].detach().cpu().double()
+                b_small = self.small[name] = global_tensor.reshape(-1).numpy()
             a_small = tensor.detach().cpu().reshape(-1).numpy().astype(np.float64) * factor
             diff = a_small - b_small
             # elementwise products, not `@`: a BLAS call would start OpenBLAS's
@@ -193,29 +230,56 @@ def unit_factors(proxy: Proxy) -> dict[str, float]:
 
 
 class ExposureTracker:
-    """Which parameters of the global model any client has received so far."""
+    """Which parameters of the global model any client has received so far.
+
+    A message marks whole units (slices along a tensor's unit axis) or whole
+    tensors, so marks are collected per unit and written into the dense masks of
+    :attr:`seen` once, when they are read: marking a ~100 M model's dense masks
+    for every message cost more than measuring its proxy.
+    """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], policy: MaskPolicy) -> None:
         self.policy = policy
         self.shapes = {n: t.shape for n, t in global_state.items() if t.is_floating_point()}
-        self.seen = {n: torch.zeros(shape, dtype=torch.bool) for n, shape in self.shapes.items()}
+        self._seen = {n: torch.zeros(shape, dtype=torch.bool) for n, shape in self.shapes.items()}
         self.total = sum(int(torch.Size(s).numel()) for s in self.shapes.values())
+        # marks not yet in ``_seen``: (name, axis) -> units marked, and whole tensors
+        self._units: dict[tuple[str, int], torch.Tensor] = {}
+        self._whole: set[str] = set()
+
+    @property
+    def seen(self) -> dict[str, torch.Tensor]:
+        """Per float tensor, a boolean mask of the parameters received so far."""
+        for (name, axis), units in self._units.items():
+            self._seen[name].index_fill_(axis, units.nonzero().flatten(), True)
+        for name in self._whole:
+            self._seen[name][...] = True
+        self._units, self._whole = {}, set()
+        return self._seen
+
+    @seen.setter
+    def seen(self, masks: dict[str, torch.Tensor]) -> None:
+        self._seen = masks
+        self._units, self._whole = {}, set()
 
     def add(self, proxy: Proxy) -> None:
         """Mark what one message carried (its visible units, read from the message)."""
-        for name in self.seen:
+        for name in self.shapes:
             if name in proxy.state:
                 axis = proxy.unit_axes.get(name, -1)
                 self.add_tensor(name, axis, proxy.visible.get(name))
 
     def add_tensor(self, name: str, axis: int, visible: torch.Tensor | None) -> None:
         """Mark one tensor of a message: all of it (``axis`` -1) or its ``visible`` units."""
-        if name not in self.seen:
+        if name not in self.shapes:
             return
         if axis < 0 or visible is None:
-            self.seen[name][...] = True
-        else:
-            self.seen[name].index_fill_(axis, visible, True)
+            self._whole.add(name)
+            return
+        units = self._units.get((name, axis))
+        if units is None:
+            units = self._units[name, axis] = torch.zeros(self.shapes[name][axis], dtype=torch.bool)
+        units[visible] = True
 
     @property
     def exposure(self) -> float:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedqsn_flwr.core.aggregation import ClientUpdate, sums_of_squares
 from fedqsn_flwr.core.masking import MaskPolicy, UnitMask, take_units, unit_scale
 from fedqsn_flwr.core.quantization import (
     MAX_BIT_WIDTH,
@@ -378,6 +380,7 @@ def encode_proxy(
     block_size: int,
     update_bit_width: int = 32,
     layout: ConfigRecord | None = None,
+    shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[ArrayRecord, ConfigRecord, ProxySpec]:
     """Serialize the proxy of ``state`` defined by a client's ``visible`` units.
 
@@ -398,6 +401,11 @@ def encode_proxy(
     layout : ConfigRecord, optional
         :func:`proxy_layout` of the same arguments, when already built (it is the
         same for every client of a round).
+    shared : dict, optional
+        The codes of the unmasked quantized tensors, the same in every proxy of
+        ``state``: pass one dict (empty at first) to every call with the same
+        ``state``, ``bit_width`` and ``block_size`` (e.g. every client of a round)
+        to quantize them once. The proxies are byte for byte the same.
 
     Returns
     -------
@@ -425,7 +433,12 @@ def encode_proxy(
             keep[visible[name].cpu().numpy()] = True
             units.append(keep)
         if bit_width is not None and name in policy.quantized:
-            packed, block_scales = quantize_packed(values, bit_width, block_size)
+            if shared is not None and name not in policy.unit_axes:
+                if name not in shared:
+                    shared[name] = quantize_packed(values, bit_width, block_size)
+                packed, block_scales = shared[name]
+            else:
+                packed, block_scales = quantize_packed(values, bit_width, block_size)
             codes.append(packed.cpu())
             scales.append(block_scales.cpu())
         else:
@@ -739,13 +752,19 @@ def decode_feedback(
     order of :func:`hidden_units`. Raises :class:`InvalidUpdate` like
     :func:`decode_update`.
     """
-    return _checked_tensors(record, feedback_spec(spec, policy), "feedback")
+    tensors, _ = _checked_tensors(record, feedback_spec(spec, policy), "feedback")
+    return {name: values.to(torch.float32, copy=True) for name, values in tensors.items()}
 
 
-def _checked_tensors(record: ArrayRecord, spec: ProxySpec, what: str) -> dict[str, torch.Tensor]:
+def _checked_tensors(
+    record: ArrayRecord, spec: ProxySpec, what: str, divisors: Mapping[str, float] | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
     """Every tensor ``spec`` expects from ``record`` (``what``: update or feedback), checked.
 
-    Exactly the expected keys, each of its shape and dtype, finite.
+    Exactly the expected keys, each of its shape and dtype, finite. Returns the
+    tensors as they came (float16 or float32, possibly read-only views of the
+    record's bytes; dequantized codes as float32) and the sum of squares of their
+    values divided by ``divisors`` (float32 division, float64 sum).
     """
     label = "" if what == "update" else f"{what} "
     expected, received = _update_keys(spec), set(record.keys())
@@ -753,13 +772,32 @@ def _checked_tensors(record: ArrayRecord, spec: ProxySpec, what: str) -> dict[st
         raise InvalidUpdate(f"missing {what} for {missing}")
     if extra := sorted(received - expected):
         raise InvalidUpdate(f"unexpected {label}arrays {extra}")
+    divisors = divisors or {}
     out: dict[str, torch.Tensor] = {}
+    failure: Exception | None = None
     for name, shape in spec.update_shapes.items():
-        values = _update_tensor(record, name, shape, spec)
-        if not _all_finite(values):
+        try:
+            out[name] = _update_tensor(record, name, shape, spec)
+        except Exception as err:  # raised after any NaN of an earlier tensor, as it comes
+            failure = err
+            break
+    # finite exactly when every value is: one pass (one kernel call) checks and measures
+    squares = sums_of_squares(list(out.values()), [divisors.get(name, 1.0) for name in out])
+    for name, value in zip(out, squares, strict=True):
+        if not math.isfinite(value):
             raise InvalidUpdate(f"{label}'{name}' holds NaN or Inf")
-        out[name] = values
-    return out
+    if failure is not None:
+        raise failure
+    return out, sum(squares)
+
+
+def _read_only_tensor(values: np.ndarray) -> torch.Tensor:
+    """``values`` as a tensor without a copy; the caller never writes to it."""
+    if values.flags.writeable:
+        return torch.from_numpy(values)
+    with warnings.catch_warnings():  # torch warns that it cannot protect the bytes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(values)
 
 
 def _update_keys(spec: ProxySpec) -> set[str]:
@@ -784,8 +822,26 @@ def _update_tensor(
         raise InvalidUpdate(f"'{name}' has dtype {array.dtype}, expected {expected}")
     if tuple(array.shape) != shape:
         raise InvalidUpdate(f"'{name}' has shape {tuple(array.shape)}, expected {shape}")
-    values = torch.from_numpy(array_values(array).copy())
-    return values if values.dtype == torch.float32 else values.to(torch.float32)
+    return _read_only_tensor(array_values(array))
+
+
+def checked_update(
+    update: ArrayRecord, spec: ProxySpec, policy: MaskPolicy
+) -> tuple[ClientUpdate, float]:
+    """Validate a client's update, as :func:`decode_update`, without copying it.
+
+    Returns a :class:`~fedqsn_flwr.core.aggregation.ClientUpdate` (weight 1) whose
+    deltas are the reply's values as they came, the unit scaling left to undo
+    (``divisors``), and the update's L2 norm in global units. Raises
+    :class:`InvalidUpdate` exactly when :func:`decode_update` does.
+    """
+    divisors = {
+        name: unit_scale(policy.unit_counts[name], spec.visible[name])
+        for name in spec.update_shapes
+        if name in policy.unit_axes
+    }
+    deltas, squares = _checked_tensors(update, spec, "update", divisors)
+    return ClientUpdate(deltas, spec.visible, 1.0, divisors), math.sqrt(squares)
 
 
 def decode_update(
@@ -798,8 +854,11 @@ def decode_update(
     :class:`InvalidUpdate` naming the first problem: a missing or extra key, a
     wrong shape or dtype, NaN/Inf.
     """
-    deltas = _checked_tensors(update, spec, "update")
-    for name, delta in deltas.items():
-        if name in policy.unit_axes:
-            deltas[name] = delta / unit_scale(policy.unit_counts[name], spec.visible[name])
+    update_, _ = checked_update(update, spec, policy)
+    deltas = {}
+    for name, delta in update_.deltas.items():
+        if name in update_.divisors:
+            deltas[name] = delta.to(torch.float32) / update_.divisors[name]
+        else:
+            deltas[name] = delta.to(torch.float32, copy=True)
     return deltas

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates, sums_of_squares
 from fedqsn_flwr.core.feedback import (
     ClientFeedback,
     GradientFn,
@@ -42,9 +43,9 @@ from fedqsn_flwr.flower.proxy import (
     InvalidUpdate,
     PackedTensor,
     ProxySpec,
+    checked_update,
     decode_feedback,
     decode_proxy,
-    decode_update,
     encode_proxy,
     hidden_units,
     iter_packed,
@@ -55,7 +56,6 @@ from fedqsn_flwr.flower.strategies.fedavg import MeasuredFedAvg
 from fedqsn_flwr.flower.strategies.utils import (
     EVALUATE,
     TRAIN,
-    l2_norm,
     proxy_metrics,
 )
 
@@ -232,6 +232,7 @@ class FedQSN(MeasuredFedAvg):
         message_type: str,
         purpose: int,
         layout: ConfigRecord,
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[Message, ProxySpec]:
         visible = self.client_mask(server_round, self.partition_ids[node_id], purpose)
         proxy, layout, spec = encode_proxy(
@@ -242,6 +243,7 @@ class FedQSN(MeasuredFedAvg):
             self.block_size,
             self.update_bit_width,
             layout,
+            shared,
         )
         content = RecordDict(
             {PROXY_RECORD: proxy, LAYOUT_RECORD: layout, self.configrecord_key: config}
@@ -271,28 +273,34 @@ class FedQSN(MeasuredFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
     ) -> list[Message]:
         self._global = arrays.to_torch_state_dict()
-        floats = (t.numpy() for t in self._global.values() if t.is_floating_point())
-        self._model_norm = l2_norm(floats)
+        reference = (
+            SimilarityReference(self._global, list(self.policy.unit_axes))
+            if self.privacy_metrics
+            else None
+        )
+        if reference is not None:
+            squares = list(reference.squares.values())
+        else:
+            floats = [t for t in self._global.values() if t.is_floating_point()]
+            squares = sums_of_squares(floats, [1.0] * len(floats))
+        total = sum(squares)
+        self._model_norm = math.sqrt(total) if math.isfinite(total) else math.inf
         if self.hidden_feedback:
             self._prepare_feedback(config)
         if self._exposure is None and self.privacy_metrics:
             self._exposure = ExposureTracker(self._global, self.policy)
         state = self._on_device(arrays, self._global)
         layout = self._layout(state)
-        reference = (
-            SimilarityReference(self._global, list(self.policy.unit_axes))
-            if self.privacy_metrics
-            else None
-        )
         messages: list[Message] = []
         self._sent = {}
         sims: dict[str, float] = {}
         accuracies: list[float | Mapping[str, float]] = []
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unmasked codes, once
         # One proxy at a time: only the messages (what Flower sends) pile up, not
         # the decoded dense proxies, which are as large as the model each.
         for node_id in node_ids:
             message, self._sent[node_id] = self._proxy_message(
-                state, server_round, node_id, config, MessageType.TRAIN, TRAIN, layout
+                state, server_round, node_id, config, MessageType.TRAIN, TRAIN, layout, shared
             )
             messages.append(message)
             if self.hidden_feedback:
@@ -425,9 +433,17 @@ class FedQSN(MeasuredFedAvg):
         state = self._on_device(arrays)
         layout = self._layout(state)
         messages = []
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for node_id in node_ids:
             message, _ = self._proxy_message(
-                state, server_round, node_id, config, MessageType.EVALUATE, EVALUATE, layout
+                state,
+                server_round,
+                node_id,
+                config,
+                MessageType.EVALUATE,
+                EVALUATE,
+                layout,
+                shared,
             )
             messages.append(message)
             if self._exposure is not None:
@@ -441,20 +457,21 @@ class FedQSN(MeasuredFedAvg):
         return messages
 
     def _without_outliers(
-        self, server_round: int, accepted: list[tuple[Message, ClientUpdate]]
+        self, server_round: int, accepted: list[tuple[Message, ClientUpdate, float]]
     ) -> list[tuple[Message, ClientUpdate]]:
-        """Drop updates beyond the norm bounds (:meth:`MeasuredFedAvg._norm_bounded`)."""
-        norms = [
-            math.sqrt(sum(float(d.double().pow(2).sum()) for d in u.deltas.values()))
-            for _, u in accepted
-        ]
-        keep = self._norm_bounded(
-            server_round, [(m, n) for (m, _), n in zip(accepted, norms, strict=True)]
-        )
-        return [pair for pair, k in zip(accepted, keep, strict=True) if k]
+        """Drop updates beyond the norm bounds (:meth:`MeasuredFedAvg._norm_bounded`).
 
-    def _client_update(self, message: Message) -> ClientUpdate:
-        """Validate one reply and turn it into a :class:`ClientUpdate`."""
+        ``accepted`` holds every valid reply, its update and the update's norm.
+        """
+        keep = self._norm_bounded(server_round, [(m, norm) for m, _, norm in accepted])
+        return [(m, u) for (m, u, _), k in zip(accepted, keep, strict=True) if k]
+
+    def _client_update(self, message: Message) -> tuple[ClientUpdate, float]:
+        """Validate one reply; its :class:`ClientUpdate` and the update's norm in global units.
+
+        The update keeps the reply's values as they came (no copy, the unit
+        scaling left to aggregation: :attr:`ClientUpdate.divisors`).
+        """
         node_id = message.metadata.src_node_id
         spec = self._sent.get(node_id)
         if spec is None:
@@ -464,17 +481,17 @@ class FedQSN(MeasuredFedAvg):
             raise InvalidUpdate(f"reply has no '{UPDATE_RECORD}' ArrayRecord")
         metrics = checked_metrics(message, self.weighted_by_key, self.max_num_examples, True)
         weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
-        deltas = decode_update(content.array_records[UPDATE_RECORD], spec, self.policy)
+        update, norm = checked_update(content.array_records[UPDATE_RECORD], spec, self.policy)
         if self.hidden_feedback:
             self._feedback[node_id] = self._client_feedback(node_id, content, spec, float(weight))
-        return ClientUpdate(deltas=deltas, visible=spec.visible, weight=weight)
+        return replace(update, weight=weight), norm
 
     def _aggregate_on_device(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return apply_updates(self._global, updates, self.policy)
         moved = [
             ClientUpdate(
-                deltas={k: d.to(self.device) for k, d in u.deltas.items()},
+                deltas={k: u.in_global_units(k).to(self.device) for k in u.deltas},
                 visible={k: v.to(self.device) for k, v in u.visible.items()},
                 weight=u.weight,
             )
@@ -486,13 +503,13 @@ class FedQSN(MeasuredFedAvg):
     def _aggregate_valid(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted: list[tuple[Message, ClientUpdate]] = []
+        checked: list[tuple[Message, ClientUpdate, float]] = []
         for message in replies:
             try:
-                accepted.append((message, self._client_update(message)))
+                checked.append((message, *self._client_update(message)))
             except Exception as err:  # one bad reply is skipped, never the round
                 self._reject(server_round, message, reason(err))
-        accepted = self._without_outliers(server_round, accepted)
+        accepted = self._without_outliers(server_round, checked)
         updates = [update for _, update in accepted]
         self._log_round(server_round, num_aggregated=float(len(updates)))
         self._sent = {}
