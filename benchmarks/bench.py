@@ -29,6 +29,11 @@ Cases (suffix: the tensor or model measured):
   vs FedAvg's and, on the ~100 M model, vs building one proxy
   (``server_seconds_per_client_vs_proxy_build``; ``--only large-server`` runs
   just these two);
+* ``hf``: a RoBERTa-base-sized classifier and a GPT-2-sized language model
+  (transformers, default configs, random weights; GPT-2's tied head travels
+  once): proxy build vs FedAvg's message, client decode vs FedAvg's load, and
+  the server's seconds per client vs FedAvg's and vs one proxy build
+  (``--only hf`` runs just these);
 * ``peak_memory_20_proxies``: extra peak memory (RSS) of building the messages
   of 20 clients, in a fresh process, vs the bytes of those messages.
 """
@@ -605,6 +610,124 @@ def large_server_cases(num_nodes: int = 20, repeats: int = 2) -> list[Case]:
     ]
 
 
+def hf_models() -> dict[str, nn.Module]:
+    """A RoBERTa-base- and a GPT-2-sized Hugging Face model (default configs, random weights)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    from fedqsn_flwr.app.huggingface import HuggingFaceModel
+
+    torch.manual_seed(0)
+    roberta = RobertaForSequenceClassification(RobertaConfig(num_labels=2))
+    gpt2 = GPT2LMHeadModel(GPT2Config())
+    return {
+        "roberta-base-like": HuggingFaceModel(roberta, 1, "classification"),
+        # the tied output head travels once, as the token embedding
+        "gpt2-like": HuggingFaceModel(gpt2, 50256, "causal-lm"),
+    }
+
+
+def hf_cases(repeats: int = 2, num_nodes: int = 10) -> list[Case]:
+    """Proxy build, client decode and server seconds per client, against FedAvg, per model.
+
+    FedAvg's counterparts measured in the same run: building its message (the
+    model as Flower arrays), a client loading it (arrays to tensors, then
+    ``load_state_dict``), and its server round (``configure_train`` +
+    ``aggregate_train``, synthetic replies).
+    """
+    cases: list[Case] = []
+    for label, model in hf_models().items():
+        cases += _hf_model_cases(label, model, repeats, num_nodes)
+        del model
+        _release_memory()
+    return cases
+
+
+def _decode_times(
+    model: nn.Module, policy: MaskPolicy, visible: Mapping[str, torch.Tensor], repeats: int
+) -> dict[str, float]:
+    """A client's decode of a proxy into its model vs loading FedAvg's arrays."""
+    state = model.state_dict()
+    arrays, layout, _ = encode_proxy(state, policy, dict(visible), BIT_WIDTH, BLOCK_SIZE)
+    plain = ArrayRecord(dict(state))
+    client = {k: v.clone() for k, v in state.items()}  # the client's model, touched
+    return _best_times(
+        {
+            "proxy": lambda: decode_proxy(arrays, layout, into=client),
+            "fedavg": lambda: model.load_state_dict(plain.to_torch_state_dict()),
+        },
+        repeats,
+        torch.device("cpu"),
+    )
+
+
+def _hf_model_cases(label: str, model: nn.Module, repeats: int, num_nodes: int) -> list[Case]:
+    cpu = torch.device("cpu")
+    dev = _device_name(cpu)
+    state = model.state_dict()
+    policy = policy_for_model(model)
+    visible = _client_mask(policy)
+    numel = sum(t.numel() for t in state.values())
+    what = f"{numel:,} parameters, p1=p2={P1}, NF{BIT_WIDTH}, block {BLOCK_SIZE}"
+    build = _best_times(
+        {
+            "proxy": lambda: encode_proxy(state, policy, visible, BIT_WIDTH, BLOCK_SIZE),
+            "fedavg": lambda: ArrayRecord(dict(state)),
+        },
+        repeats,
+        cpu,
+    )
+    decode = _decode_times(model, policy, visible, repeats)
+    _release_memory()
+    server = {
+        "fedavg": _server_seconds("fedavg", model, num_nodes),
+        "fedqsn": min(_server_seconds("fedqsn", model, num_nodes) for _ in range(repeats)),
+    }
+    return [
+        _case(
+            f"proxy_build_vs_fedavg_message_{label}",
+            build["proxy"],
+            build["fedavg"],
+            "report",
+            dev,
+            "seconds",
+            f"one client's proxy (encode_proxy) vs FedAvg's message arrays; {what}",
+        ),
+        _case(
+            f"client_decode_vs_fedavg_load_{label}",
+            decode["proxy"],
+            decode["fedavg"],
+            "report",
+            dev,
+            "seconds",
+            f"decode_proxy into the client's tensors vs FedAvg's arrays loaded; {what}",
+        ),
+        _case(
+            f"server_seconds_per_client_vs_fedavg_{label}",
+            server["fedqsn"],
+            server["fedavg"],
+            "report",
+            dev,
+            "seconds per client",
+            f"{num_nodes} clients, configure_train + aggregate_train, with privacy metrics; "
+            f"FedQSN best of {repeats} rounds, FedAvg one round",
+        ),
+        _case(
+            f"server_seconds_per_client_vs_proxy_build_{label}",
+            server["fedqsn"],
+            build["proxy"],
+            "<= 2",
+            dev,
+            "seconds per client",
+            f"{num_nodes} clients; baseline: building one client's proxy, same run",
+        ),
+    ]
+
+
 def _rss() -> int:
     import psutil
 
@@ -772,6 +895,8 @@ def run(args: argparse.Namespace) -> list[Case]:
         return scale_cases(args.nodes)
     if args.only == "large-server":
         return large_server_cases(repeats=max(2, args.repeats // 2))
+    if args.only == "hf":
+        return hf_cases(repeats=max(2, args.repeats // 2))
     device = torch.device(args.device if args.device != "auto" else _auto())
     cases: list[Case] = []
     torch.manual_seed(0)
@@ -793,6 +918,7 @@ def run(args: argparse.Namespace) -> list[Case]:
     cases += round_cases(args.rounds)
     if not args.skip_large:
         cases += large_server_cases(repeats=max(2, args.repeats // 2))
+        cases += hf_cases(repeats=max(2, args.repeats // 2))
         cases += memory_cases()
     return cases
 
@@ -812,9 +938,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true", help="run the many-nodes simulation")
     parser.add_argument(
         "--only",
-        choices=["large-server"],
+        choices=["large-server", "hf"],
         help="run one group of cases: large-server = the ~100 M model's server seconds per "
-        "client vs FedAvg and vs a proxy build (~5 min)",
+        "client vs FedAvg and vs a proxy build (~5 min); hf = RoBERTa-base- and GPT-2-sized "
+        "Hugging Face models: proxy build, client decode, server seconds per client",
     )
     parser.add_argument("--nodes", type=int, default=1000, help="virtual SuperNodes (--scale)")
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)
