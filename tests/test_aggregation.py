@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from fedqsn_flwr.core import kernels
-from fedqsn_flwr.core.aggregation import ClientUpdate, _kernel_ready, apply_updates, sum_of_squares
+from fedqsn_flwr.core.aggregation import (
+    ClientUpdate,
+    _kernel_ready,
+    apply_updates,
+    sum_of_squares,
+    sums_of_squares,
+)
 from fedqsn_flwr.core.masking import MaskPolicy
 
 
@@ -121,3 +127,9 @@ def test_sum_of_squares_divides_in_float32_and_flags_nan_and_inf(dtype):
         spoiled = values.clone()
         spoiled[123, 45] = bad
         assert not math.isfinite(sum_of_squares(spoiled, 1.3))
+
+
+def test_float64_norms_keep_their_precision():
+    # 1e100 is inf in float32: an infinite norm bound would let every update through
+    big = torch.tensor([1e100, 1.0], dtype=torch.float64)
+    assert sums_of_squares([big], [1.0])[0] == pytest.approx(1e200)

@@ -92,3 +92,8 @@ def test_derived_seeds_are_domain_separated_and_injective():
     for bad in (-1, 2**64):
         with pytest.raises(ValueError, match="0..2"):
             derive_seed("sampling", bad)
+
+
+def test_a_negative_unit_axis_is_refused():
+    with pytest.raises(ValueError, match="unit axes must be 0 or more"):
+        MaskPolicy(unit_axes={"w": -1}, unit_counts={"w": 4})

@@ -9,7 +9,6 @@ full-precision global model is never overwritten by quantized values.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -118,10 +117,8 @@ def _kernel_mean(
 ) -> torch.Tensor:
     axis = policy.unit_axes.get(name, -1)
     out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-    with warnings.catch_warnings():
-        # deltas may be read-only views of a reply's bytes: they are only read
-        warnings.simplefilter("ignore", UserWarning)
-        deltas = [u.deltas[name].detach().numpy() for u in having]
+    # deltas may be views of a reply's bytes: the kernel only reads them
+    deltas = [u.deltas[name].detach().numpy() for u in having]
     kernels.aggregate_rows(
         tensor.detach().contiguous().view(-1).numpy(),
         tuple(tensor.shape),
@@ -159,13 +156,14 @@ def sums_of_squares(values: Sequence[torch.Tensor], divisors: Sequence[float]) -
         ):
             batch.append(i)
             continue
-        scaled = tensor.detach().to(torch.float32)
+        # float64 (and other) tensors keep their own precision: a float32 copy of
+        # 1e200 would be inf, and an infinite norm bound lets every update through
+        keep = tensor.dtype if tensor.dtype == torch.float64 else torch.float32
+        scaled = tensor.detach().to(keep)
         scaled = scaled / divisors[i] if divisors[i] != 1.0 else scaled
         sums[i] = float(scaled.double().pow(2).sum())
     if batch:
-        with warnings.catch_warnings():  # a read-only view of a reply's bytes is only read
-            warnings.simplefilter("ignore", UserWarning)
-            arrays = [values[i].detach().numpy() for i in batch]
+        arrays = [values[i].detach().numpy() for i in batch]
         found = kernels.many_scaled_squares(arrays, [divisors[i] for i in batch])
         for i, value in zip(batch, found, strict=True):
             sums[i] = value

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - exercised only without numba
 
 __all__ = [
     "AVAILABLE",
+    "SimilarityItem",
     "aggregate_rows",
     "block_absmax",
     "dequantize_scatter",
@@ -685,7 +686,7 @@ def similarity_sums(
     return many_similarity_sums([item], levels, bit_width, block_size)[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: identity, not value, equality
 class SimilarityItem:
     """One tensor for :func:`many_similarity_sums` (the arguments of :func:`similarity_sums`)."""
 

@@ -83,6 +83,9 @@ class MaskPolicy:
     def __post_init__(self) -> None:
         if set(self.unit_axes) != set(self.unit_counts):
             raise ValueError("unit_axes and unit_counts must name the same tensors")
+        negative = sorted(name for name, axis in self.unit_axes.items() if axis < 0)
+        if negative:
+            raise ValueError(f"unit axes must be 0 or more (count from the front): {negative}")
 
     def describe(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """What travels how: shares of the parameters, and the tensors by treatment.

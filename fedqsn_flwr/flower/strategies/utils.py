@@ -57,6 +57,14 @@ def l2_norm(arrays: Iterable[np.ndarray]) -> float:
 _SERIALIZE_BELOW = 1 << 16
 #: Bytes of the tag of ``Array.data`` (field 4, length-delimited).
 _DATA_TAG_BYTES = 1
+# message_bytes mirrors Flower's Array layout: fail loudly, not count wrong, if it changes
+if {f.name: f.number for f in ProtoArray.DESCRIPTOR.fields} != {
+    "dtype": 1,
+    "shape": 2,
+    "stype": 3,
+    "data": 4,
+}:  # pragma: no cover - a Flower upgrade
+    raise ImportError("Flower's Array proto changed: update message_bytes in this module")
 
 
 def message_bytes(message: Message) -> int:
