@@ -160,6 +160,7 @@ class MeasuredFedAvg(FedAvg):
         self.proxy_evaluate_fn = proxy_evaluate_fn
         self.message_sink = message_sink
         self.partition_ids: dict[int, int] = {}
+        self._query_timeout: float = 60.0
         self.num_partitions = 0  # as reported by the nodes (0: unknown)
         self.message_log: list[MessageEntry] = []
         self.round_log: dict[int, dict[str, float]] = {}
@@ -217,6 +218,9 @@ class MeasuredFedAvg(FedAvg):
         the checkpoint on, and the restored model is not evaluated again.
         """
         offset = self.completed_rounds
+        # partition queries wait as long as a round: a ClientApp that starts slowly
+        # on a loaded machine must not lose its partition (and its data) to a fallback
+        self._query_timeout = timeout
         if not self._restored:
             return super().start(
                 grid,
@@ -280,7 +284,7 @@ class MeasuredFedAvg(FedAvg):
             for node_id in unknown
         ]
         answered: set[int] = set()
-        for reply in grid.send_and_receive(queries, timeout=60):
+        for reply in grid.send_and_receive(queries, timeout=self._query_timeout):
             node_id = reply.metadata.src_node_id
             if node_id not in unknown or node_id in answered:
                 continue  # not asked, or a second answer: the first counts
