@@ -218,9 +218,9 @@ class MeasuredFedAvg(FedAvg):
         the checkpoint on, and the restored model is not evaluated again.
         """
         offset = self.completed_rounds
-        # partition queries wait as long as a round: a ClientApp that starts slowly
-        # on a loaded machine must not lose its partition (and its data) to a fallback
-        self._query_timeout = timeout
+        # partition queries wait as long as a round (at least a minute): a ClientApp
+        # that starts slowly on a loaded machine must not lose its partition to a fallback
+        self._query_timeout = max(60.0, timeout)
         if not self._restored:
             return super().start(
                 grid,
