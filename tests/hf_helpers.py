@@ -99,32 +99,26 @@ def save_tiny_checkpoint(
     tokenizer = _tokenizer(texts, family)
     vocab = len(tokenizer)
     torch.manual_seed(0)
+    # the encoder families' shared sizes
+    encoder = {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "intermediate_size": 2 * width,
+        "pad_token_id": tokenizer.pad_token_id,
+        "num_labels": 2,
+    }
     if family == "roberta":
         config = RobertaConfig(
-            vocab_size=vocab,
-            hidden_size=width,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            intermediate_size=2 * width,
+            **encoder,
             max_position_embeddings=128 + tokenizer.pad_token_id + 1,
-            pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.cls_token_id,
             eos_token_id=tokenizer.sep_token_id,
-            num_labels=2,
         )
         model = RobertaForSequenceClassification(config)
     elif family == "bert":
-        config = BertConfig(
-            vocab_size=vocab,
-            hidden_size=width,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            intermediate_size=2 * width,
-            max_position_embeddings=128,
-            type_vocab_size=2,
-            pad_token_id=tokenizer.pad_token_id,
-            num_labels=2,
-        )
+        config = BertConfig(**encoder, max_position_embeddings=128, type_vocab_size=2)
         model = BertForSequenceClassification(config)
     elif family == "gpt2":
         config = GPT2Config(

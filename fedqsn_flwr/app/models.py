@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedqsn_flwr.app.huggingface import is_hf, load_hf_model
+from fedqsn_flwr.app.huggingface import CLASSIFICATION, is_hf, load_hf_model
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class InputSpec:
     shape: tuple[int, ...]
     num_classes: int
     vocab_size: int = 0
-    task: str = "classification"
+    task: str = CLASSIFICATION
 
 
 #: scikit-learn's digits: 1 x 8 x 8 images, 10 classes.
@@ -326,7 +326,7 @@ def build_model(
         return load_hf_model(
             name, spec.task, spec.num_classes, spec.vocab_size, spec.shape[0], pretrained
         )
-    if spec.task != "classification":
+    if spec.task != CLASSIFICATION:
         raise ValueError(
             f"model '{name}' is a classifier and the data is for {spec.task}; use a Hugging "
             "Face language model: model = 'hf:<folder>'"

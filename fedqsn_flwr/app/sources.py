@@ -246,9 +246,13 @@ def _columns(rows: list[dict[str, Any]], names: Sequence[str], path: Path) -> li
     return [[row[n] for row in rows] for n in names]
 
 
-def _read_table(path: Path) -> tuple[list[str], list[Any]]:
+#: (first texts, second texts or None, labels) of a text classification split.
+TextRows = tuple[list[Any], list[Any] | None, list[Any]]
+
+
+def _read_table(path: Path) -> TextRows:
     texts, labels = _columns(_read_rows(path), ("text", "label"), path)
-    return texts, labels
+    return texts, None, labels
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -282,20 +286,7 @@ def encode_texts(
     return encoded["input_ids"].long(), len(tokenizer)
 
 
-#: (first texts, second texts or None, labels) of a text classification split.
-TextRows = tuple[list[Any], list[Any] | None, list[Any]]
-
-
-def _text_data(
-    train: tuple[list[str], list[Any]] | TextRows,
-    test: tuple[list[str], list[Any]] | TextRows | None,
-    key: DataKey,
-) -> RawData:
-    def rows(split: tuple[Any, ...]) -> TextRows:
-        return (split[0], None, split[1]) if len(split) == 2 else split  # type: ignore[return-value]
-
-    train_rows = rows(train)
-    test_rows = rows(test) if test else None
+def _text_data(train_rows: TextRows, test_rows: TextRows | None, key: DataKey) -> RawData:
     mapping = _label_map(train_rows[2] + (test_rows[2] if test_rows else []))
     train_x, vocab = encode_texts(train_rows[0], key, train_rows[1])
     test_x = encode_texts(test_rows[0], key, test_rows[1])[0] if test_rows else None
@@ -374,14 +365,14 @@ def load_glue(key: DataKey) -> RawData:
     if key.data_dir:
         # as on the hub: the validation split is the test set (GLUE hides test labels)
         train_path, test_path = _local_splits(key, ("validation", "test"))
-        splits = []
+        splits: list[TextRows | None] = []
         for path in (train_path, test_path):
             if path is None:
                 splits.append(None)
                 continue
             rows = _read_rows(path)
             splits.append(rows_of(_columns(rows, _pick(rows, (names, generic), path), path)))
-        return _text_data(splits[0], splits[1], key)  # type: ignore[arg-type]
+        return _text_data(splits[0], splits[1], key)  # type: ignore[arg-type]  # train is found
     train, test = _hub_splits(GLUE_HUB_ID, task, test_split, key.dataset)
     return _text_data(
         rows_of([list(train[n]) for n in names]), rows_of([list(test[n]) for n in names]), key
@@ -542,8 +533,8 @@ def load_flwr_datasets(key: DataKey) -> RawData:
         ) from err
     if key.dataset in TEXT_DATASETS:
         return _text_data(
-            (list(train[info["x"]]), list(train[info["y"]])),
-            (list(test[info["x"]]), list(test[info["y"]])),
+            (list(train[info["x"]]), None, list(train[info["y"]])),
+            (list(test[info["x"]]), None, list(test[info["y"]])),
             key,
         )
 
