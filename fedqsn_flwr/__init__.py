@@ -39,6 +39,7 @@ from fedqsn_flwr.core.quantization import (
     quantize_packed,
     unpack_bits,
 )
+from fedqsn_flwr.core.secret import init_from_secret, new_secret, torch_rng_from_secret
 from fedqsn_flwr.flower.client_helpers import (
     FrozenHidden,
     freeze_hidden,
@@ -85,13 +86,16 @@ __all__ = [
     "encode_update",
     "format_description",
     "freeze_hidden",
+    "init_from_secret",
     "load_received",
+    "new_secret",
     "normal_float_codebook",
     "pack_bits",
     "policy_for_model",
     "quantize",
     "quantize_packed",
     "tied_state_once",
+    "torch_rng_from_secret",
     "train_reply",
     "unpack_bits",
 ]

@@ -41,7 +41,7 @@ from fedqsn_flwr.core.masking import (  # noqa: E402
     format_description,
     policy_for_model,
 )
-from fedqsn_flwr.core.secret import SECRET_FILE, secret_seed  # noqa: E402
+from fedqsn_flwr.core.secret import SECRET_FILE  # noqa: E402
 from fedqsn_flwr.experiments.attack import format_report, run_attacks  # noqa: E402
 from fedqsn_flwr.experiments.compare import (  # noqa: E402
     RunSpec,
@@ -167,8 +167,8 @@ def test_proxy_round_trip_hides_units_and_maps_the_update_back(checkpoints, fami
     model, raw = _model_and_data(checkpoints, family)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     policy = policy_for_model(model)
-    server_mask = draw_server_mask(policy, 0.2, seed=1)
-    visible = draw_client_mask(server_mask, 0.2, seed=2)
+    server_mask = draw_server_mask(policy, 0.2, 1)
+    visible = draw_client_mask(server_mask, 0.2, 2)
     arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bit_width=32)
     # hidden units are absent from the message: it lists exactly the visible ones,
     # and its values hold one entry per visible slice element of every tensor
@@ -270,7 +270,7 @@ def test_a_federation_lowers_the_loss_from_scratch_and_never_moves_hidden_units(
     # the checkpoint lacks initialised from the server secret (not the public seed)
     secret = (run / SECRET_FILE).read_bytes()
     spec = _model_and_data(checkpoints, family)[1].spec
-    start = build_model(f"hf:{folder}", seed=secret_seed(secret, "init"), spec=spec)
+    start = build_model(f"hf:{folder}", spec=spec, secret=secret)
     final = torch.load(run / "final_model.pt")
     policy = policy_for_model(start)
     assert set(seen) == set(policy.unit_axes)

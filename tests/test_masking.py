@@ -30,7 +30,7 @@ def test_default_policy_masks_hidden_units_only():
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.3, 0.5, 0.9])
 def test_server_mask_hides_the_requested_share(ratio):
     policy = _policy()
-    mask = draw_server_mask(policy, ratio, seed=3)
+    mask = draw_server_mask(policy, ratio, 3)
     for name, count in policy.unit_counts.items():
         visible = mask[name]
         assert visible.numel() == count - num_hidden(count, ratio)
@@ -41,7 +41,7 @@ def test_server_mask_hides_the_requested_share(ratio):
 
 def test_client_mask_is_inside_server_visible_set_and_fresh_per_client():
     policy = _policy()
-    server = draw_server_mask(policy, 0.3, seed=1)
+    server = draw_server_mask(policy, 0.3, 1)
     masks = [
         draw_client_mask(server, 0.3, derive_seed("test", 1, 1, 1, client)) for client in range(5)
     ]
@@ -55,7 +55,7 @@ def test_client_mask_is_inside_server_visible_set_and_fresh_per_client():
 
 def test_masks_are_deterministic_for_a_seed():
     policy = _policy()
-    a, b, c = (draw_server_mask(policy, 0.2, seed=s) for s in (5, 5, 6))
+    a, b, c = (draw_server_mask(policy, 0.2, s) for s in (5, 5, 6))
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
     ca = draw_client_mask(a, 0.2, derive_seed("test", 5, 2, 1, 3))

@@ -48,7 +48,7 @@ def test_proxy_round_trip_of_every_model(name):
     policy = policy_for_model(model)
     assert masked <= set(policy.unit_axes) and not unmasked & set(policy.unit_axes)
     state = model.state_dict()
-    server = draw_server_mask(policy, 0.1, seed=1)
+    server = draw_server_mask(policy, 0.1, 1)
     visible = draw_client_mask(server, 0.1, derive_seed("test", 1, 1, 1, 0))
     arrays, layout, spec_sent = encode_proxy(state, policy, visible, 4, 64)
     proxy = decode_proxy(arrays, layout)
@@ -86,7 +86,7 @@ def test_decoding_into_the_model_is_the_classic_decode_bit_for_bit(name, bits):
     spec, _, _ = CASES[name]
     policy = policy_for_model(build_model(name, 0.1, seed=0, spec=spec))
     state = build_model(name, 0.1, seed=0, spec=spec).state_dict()
-    server = draw_server_mask(policy, 0.3, seed=1)
+    server = draw_server_mask(policy, 0.3, 1)
     visible = draw_client_mask(server, 0.2, derive_seed("test", 1, 1, 1, 0))
     arrays, layout, _ = encode_proxy(state, policy, visible, bits, 64, update_bit_width=32)
     classic = decode_proxy(arrays, layout)
@@ -118,7 +118,7 @@ def test_decoding_into_a_model_of_another_shape_is_refused():
     spec = CASES["cnn"][0]
     model = build_model("cnn", 0.1, seed=0, spec=spec)
     policy = policy_for_model(model)
-    visible = draw_client_mask(draw_server_mask(policy, 0.1, seed=1), 0.1, 3)
+    visible = draw_client_mask(draw_server_mask(policy, 0.1, 1), 0.1, 3)
     arrays, layout, _ = encode_proxy(model.state_dict(), policy, visible, 4, 64)
     other = build_model("cnn", 0.1, seed=0, spec=InputSpec("image", (1, 28, 28), 7))
     with pytest.raises(ValueError, match="fc2.weight"):

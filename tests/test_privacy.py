@@ -158,7 +158,7 @@ def test_unmasked_codes_measured_before_are_reused_only_when_equal():
     model = build_model("cnn")
     policy = policy_for_model(model)
     state = model.state_dict()
-    server = draw_server_mask(policy, 0.3, seed=1)
+    server = draw_server_mask(policy, 0.3, 1)
     moved = {k: v.clone() for k, v in state.items()}
     unmasked = next(n for n in policy.quantized if n not in policy.unit_axes)
     moved[unmasked] += 0.01  # other codes for an unmasked tensor

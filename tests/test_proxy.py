@@ -28,7 +28,7 @@ def _setup(p1=0.3, p2=0.2):
     model = build_model("cnn")
     policy = policy_for_model(model)
     state = model.state_dict()
-    server = draw_server_mask(policy, p1, seed=11)
+    server = draw_server_mask(policy, p1, 11)
     visible = draw_client_mask(server, p2, derive_seed("test", 11, 1, 1, 0))
     return model, policy, state, visible
 
@@ -249,7 +249,7 @@ def test_array_values_equal_flowers_own_parser(values):
 @pytest.mark.parametrize("bits", [None, 3, 4])
 def test_proxies_sharing_the_unmasked_codes_are_byte_for_byte_the_same(bits):
     _, policy, state, visible = _setup()
-    other = draw_client_mask(draw_server_mask(policy, 0.3, seed=11), 0.2, 5)
+    other = draw_client_mask(draw_server_mask(policy, 0.3, 11), 0.2, 5)
     shared = {}
     for mask in (visible, other, visible):
         arrays, layout, spec = encode_proxy(state, policy, mask, bits, 50, shared=shared)

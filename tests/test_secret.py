@@ -20,32 +20,33 @@ from fedqsn_flwr.core.secret import (
     SecretError,
     from_text,
     resolve_secret,
-    secret_seed,
+    secret_entropy,
     store_secret,
 )
 from fedqsn_flwr.flower.proxy import received_model
 from fedqsn_flwr.flower.strategies import FedQSN
 
 
-def test_secret_seeds_differ_by_purpose_keys_and_secret():
+def test_secret_entropy_differs_by_purpose_keys_and_secret():
     a, b = from_text("a"), from_text("b")
     seeds = {
-        secret_seed(a, "server-mask"),
-        secret_seed(a, "client-mask"),
-        secret_seed(a, "client-mask", 1, 1),
-        secret_seed(a, "client-mask", 1, 1, 0),  # trailing zero: still another seed
-        secret_seed(a, "client-mask", 1, 10),
-        secret_seed(b, "server-mask"),
+        secret_entropy(a, "server-mask"),
+        secret_entropy(a, "client-mask"),
+        secret_entropy(a, "client-mask", 1, 1),
+        secret_entropy(a, "client-mask", 1, 1, 0),  # trailing zero: still another value
+        secret_entropy(a, "client-mask", 1, 10),
+        secret_entropy(b, "server-mask"),
     }
     assert len(seeds) == 6
-    assert secret_seed(a, "x", 3) == secret_seed(a, "x", 3)
-    assert all(0 <= s < 2**63 for s in seeds)
+    assert secret_entropy(a, "x", 3) == secret_entropy(a, "x", 3)
+    assert all(2**128 <= s < 2**256 for s in seeds)  # the secret's 256 bits, not a seed's 32
     with pytest.raises(SecretError, match="32 bytes"):
-        secret_seed(b"short", "x")
+        secret_entropy(b"short", "x")
     # a node id (unsigned 64-bit) is a valid key: nodes without a partition id use theirs
-    assert secret_seed(a, "client-mask", 1, 1, 2**64 - 1) != secret_seed(a, "client-mask", 1, 1, 0)
+    last = secret_entropy(a, "client-mask", 1, 1, 2**64 - 1)
+    assert last != secret_entropy(a, "client-mask", 1, 1, 0)
     with pytest.raises(SecretError, match="0..2"):
-        secret_seed(a, "x", -1)
+        secret_entropy(a, "x", -1)
 
 
 def test_resolve_secret_order_and_resume(tmp_path):

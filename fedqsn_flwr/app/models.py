@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fedqsn_flwr.app.huggingface import CLASSIFICATION, is_hf, load_hf_model
+from fedqsn_flwr.core.secret import torch_rng_from_secret
 
 
 @dataclass(frozen=True)
@@ -310,14 +311,24 @@ def build_model(
     seed: int | None = None,
     spec: InputSpec = DIGITS_SPEC,
     pretrained: bool = True,
+    secret: bytes | None = None,
 ) -> nn.Module:
     """Instantiate the model registered as ``name`` (or a factory path) for ``spec``.
 
     With ``seed``, the initial weights are those anyone can reproduce from the
-    code and the seed: the *public initialisation* of a run. ``pretrained``
+    code and the seed: a *public initialisation*. With ``secret`` (the server
+    secret), every weight the constructor draws -- a Hugging Face checkpoint's
+    new classification head included -- comes from torch's generator filled in
+    full from the secret (:func:`fedqsn_flwr.core.secret.torch_rng_from_secret`):
+    the server's initialisation, which no client can recompute. ``pretrained``
     False builds a Hugging Face model from its config alone (no weights read:
     a client's model, whose weights come in the proxy); other models ignore it.
     """
+    if seed is not None and secret is not None:
+        raise ValueError("build_model takes a public seed or the server secret, not both")
+    if secret is not None:
+        with torch_rng_from_secret(secret, "init"):
+            return build_model(name, dropout, None, spec, pretrained)
     if is_hf(name):
         if spec.kind != "text":
             raise ValueError(f"model '{name}' needs text; the data is {spec.kind}")

@@ -38,7 +38,14 @@ from fedqsn_flwr.app.training import (
 )
 from fedqsn_flwr.core.feedback import GradientFn
 from fedqsn_flwr.core.masking import format_description, policy_for_model
-from fedqsn_flwr.core.secret import SecretError, resolve_secret, secret_seed, store_secret
+from fedqsn_flwr.core.secret import (
+    SecretError,
+    resolve_secret,
+    secret_rng,
+    secret_torch_generator,
+    store_secret,
+    torch_rng_from_secret,
+)
 from fedqsn_flwr.flower.strategies import FedQSN, MeasuredFedAvg, MessageSink, StateEvaluateFn
 
 
@@ -84,9 +91,7 @@ def initial_model(
     ``pretrain`` False (a resumed run, whose weights come from its checkpoint)
     only the architecture is built.
     """
-    model = build_model(
-        config["model"], config["dropout"], seed=secret_seed(secret, "init"), spec=data.spec
-    )
+    model = build_model(config["model"], config["dropout"], spec=data.spec, secret=secret)
     if config.get("initial-model"):
         load_initial_weights(model, config["initial-model"])
     model.to(pick_device(config["device"]))
@@ -100,15 +105,18 @@ def initial_model(
             log(INFO, "Pretrained starting model taken from the cache %s", cache)
             return model
     if config["pretrain-epochs"] > 0 and len(data.pretrain) > 0:
-        loss = train(
-            model,
-            data.pretrain,
-            epochs=config["pretrain-epochs"],
-            learning_rate=config["learning-rate"],
-            batch_size=config["batch-size"],
-            seed=secret_seed(secret, "pretrain"),
-            optimizer=config["optimizer"],
-        )
+        # dropout from the global generator, the batch order from its own: both
+        # filled in full from the secret
+        with torch_rng_from_secret(secret, "pretrain-dropout"):
+            loss = train(
+                model,
+                data.pretrain,
+                epochs=config["pretrain-epochs"],
+                learning_rate=config["learning-rate"],
+                batch_size=config["batch-size"],
+                seed=secret_torch_generator(secret, "pretrain-order"),
+                optimizer=config["optimizer"],
+            )
         log(
             INFO,
             "Pretrained the starting model on %d private examples (loss %.4f)",
@@ -190,7 +198,7 @@ def feedback_gradient_fn(
             "pretraining set (pretrain-fraction = 0 or a partition loader without server data)"
         )
     count = min(config["feedback-examples"], len(data.pretrain))
-    rows = np.random.default_rng(secret_seed(secret, "feedback")).permutation(len(data.pretrain))
+    rows = secret_rng(secret, "feedback").permutation(len(data.pretrain))
     sample = data.pretrain.subset(np.sort(rows[:count]))
     scratch = copy.deepcopy(model)
 

@@ -565,34 +565,53 @@ def load_digits_data() -> RawData:
     )
 
 
-def generate_mnist1d(num_examples: int, seed: int, shear_scale: float = 0.75) -> RawData:
+def generate_mnist1d(
+    num_examples: int, seed: int | np.random.Generator, shear_scale: float = 0.75
+) -> RawData:
     """``num_examples`` MNIST-1D signals (N, 1, 40) from ``mnist1d.data.make_dataset``.
 
-    Offline: ``make_dataset`` generates (``get_dataset`` would try a download, so
-    it is never called). It reseeds numpy's and Python's global generators; their
-    states are put back afterwards. Each generated set is standardised with its
-    own statistics, as the package does. ``shear_scale`` 0.75 is the package's
+    ``seed``: a public integer (the package reduces it to 32 bits: for data
+    every client may compute, such as the client pool) or a numpy ``Generator``
+    (the server's own examples: :func:`fedqsn_flwr.core.secret.secret_rng`), which
+    fills numpy's and Python's global Mersenne Twisters in full instead of the
+    package's ``set_seed``. Offline: ``make_dataset`` generates (``get_dataset``
+    would try a download, so it is never called). The global generators' states
+    are put back afterwards. Each generated set is standardised with its own
+    statistics, as the package does. ``shear_scale`` 0.75 is the package's
     default generator.
     """
     import random
 
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        import mnist1d.data as mnist1d_data
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise DataError(
             "dataset 'mnist1d' needs the mnist1d package (pip install mnist1d)"
         ) from err
     if num_examples < 10:
         raise DataError(f"MNIST-1D needs at least 10 examples (one per class), got {num_examples}")
-    args = get_dataset_args()
+    args = mnist1d_data.get_dataset_args()
     args.num_samples = int(num_examples)
     args.train_split = 1.0
     args.shear_scale = float(shear_scale)
-    args.seed = int(seed) % 2**32
+    package_set_seed = mnist1d_data.set_seed
+    if isinstance(seed, np.random.Generator):
+        words = seed.integers(0, 2**32, size=(2, 624), dtype=np.uint64)
+
+        def set_full_state(_: Any) -> None:
+            # MT19937's whole state (624 words), not the 32 bits set_seed keeps
+            np.random.set_state(("MT19937", words[0].astype(np.uint32), 624, 0, 0.0))
+            random.setstate((3, (*(int(w) for w in words[1]), 624), None))
+
+        mnist1d_data.set_seed = set_full_state
+        args.seed = 0  # unused
+    else:
+        args.seed = int(seed) % 2**32
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        generated = make_dataset(args)
+        generated = mnist1d_data.make_dataset(args)
     finally:
+        mnist1d_data.set_seed = package_set_seed
         np.random.set_state(numpy_state)
         random.setstate(python_state)
     x = torch.tensor(generated["x"], dtype=torch.float32).unsqueeze(1)

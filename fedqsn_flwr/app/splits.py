@@ -39,7 +39,7 @@ from fedqsn_flwr.app.sources import (
     load_user_partition,
 )
 from fedqsn_flwr.core.masking import derive_seed
-from fedqsn_flwr.core.secret import secret_seed
+from fedqsn_flwr.core.secret import secret_rng
 
 __all__ = [
     "DATASETS",
@@ -164,9 +164,9 @@ def load_pool(
 
 
 def _mnist1d_server(key: DataKey, secret: bytes) -> ServerData:
-    pretrain = generate_mnist1d(key.mnist1d_server_examples, secret_seed(secret, "mnist1d-server"))
+    pretrain = generate_mnist1d(key.mnist1d_server_examples, secret_rng(secret, "mnist1d-server"))
     test = generate_mnist1d(
-        key.mnist1d_test_examples, secret_seed(secret, "mnist1d-test"), key.mnist1d_client_shear
+        key.mnist1d_test_examples, secret_rng(secret, "mnist1d-test"), key.mnist1d_client_shear
     )
     return ServerData(
         test=_splits(test)[0],
@@ -206,9 +206,7 @@ def load_server_data(
             len(full), seed, test_fraction, pretrain_fraction, own_test is not None
         )
     if own_test is None:
-        server = server[
-            np.random.default_rng(secret_seed(secret, "split")).permutation(len(server))
-        ]
+        server = server[secret_rng(secret, "split").permutation(len(server))]
         n_test = round(test_fraction * len(full))
         test, server = full.subset(server[:n_test]), server[n_test:]
     else:

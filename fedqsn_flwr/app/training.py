@@ -86,7 +86,7 @@ def train(
     epochs: int,
     learning_rate: float,
     batch_size: int,
-    seed: int,
+    seed: int | torch.Generator,
     frozen: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
     optimizer: str = "sgd",
@@ -102,11 +102,19 @@ def train(
     change (a proxy's hidden units: they stay exactly zero, so the client trains
     the subnetwork it was given and nothing else). ``proximal_mu`` > 0 adds
     FedProx's term ``mu/2 * ||w - w_received||^2`` to the loss.
+
+    ``seed``: an integer seeds dropout and the batch order (a client's public
+    seed); a ``torch.Generator`` draws the batch order, and dropout draws from
+    torch's global generator as the caller set it (the server's pretraining:
+    both filled from the secret, :mod:`fedqsn_flwr.core.secret`).
     """
     if len(data) == 0 or epochs == 0:
         return float("nan")
-    torch.manual_seed(seed)  # dropout
-    order_rng = torch.Generator().manual_seed(seed)
+    if isinstance(seed, torch.Generator):
+        order_rng = seed
+    else:
+        torch.manual_seed(seed)  # dropout
+        order_rng = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu else {}
     device = model_device(model)

@@ -250,8 +250,8 @@ def derive_seed(purpose: str, *keys: int) -> int:
     entropy with zero words, which made ``(s, r, 1, 0)`` and ``(s, r, 1)``
     collide, and splits each integer into as many words as it needs, which lets
     ``(2**32, 5)`` and ``(0, 1 + 5 * 2**32)`` collide.) Keys are in 0..2**64-1.
-    Seeds a client must not predict come from the server secret instead
-    (:func:`fedqsn_flwr.core.secret.secret_seed`).
+    Nothing a client must not predict may come from it: such draws use
+    generators filled from the server secret (:mod:`fedqsn_flwr.core.secret`).
     """
     tag = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "little")
     words = [tag & 0xFFFFFFFF, tag >> 32, len(keys)]
@@ -269,28 +269,47 @@ def num_hidden(num_units: int, ratio: float) -> int:
     return min(math.floor(ratio * num_units + 0.5), num_units - 1)
 
 
-def _keep(units: torch.Tensor, ratio: float, generator: torch.Generator) -> torch.Tensor:
+#: Where a mask's randomness comes from: a generator (the server's secret draws,
+#: :func:`fedqsn_flwr.core.secret.secret_rng`) or a public integer seed (tests,
+#: benchmarks: anyone can redo such a mask).
+RandomSource = np.random.Generator | int
+
+
+def _generator(source: RandomSource, purpose: str) -> np.random.Generator:
+    if isinstance(source, np.random.Generator):
+        return source
+    if isinstance(source, bool) or not isinstance(source, int | np.integer):
+        raise TypeError(f"a mask needs a numpy Generator or an int seed, got {type(source)}")
+    return np.random.default_rng(derive_seed(purpose, int(source)))
+
+
+def _keep(units: torch.Tensor, ratio: float, generator: np.random.Generator) -> torch.Tensor:
     hidden = num_hidden(units.numel(), ratio)
-    order = torch.randperm(units.numel(), generator=generator)
+    order = torch.from_numpy(generator.permutation(units.numel()))
     return torch.sort(units[order[hidden:]]).values
 
 
-def draw_server_mask(policy: MaskPolicy, ratio: float, seed: int) -> UnitMask:
-    """Visible units per masked tensor after hiding ``ratio`` (p1) of them."""
-    generator = torch.Generator().manual_seed(derive_seed("server-mask", seed))
+def draw_server_mask(policy: MaskPolicy, ratio: float, rng: RandomSource) -> UnitMask:
+    """Visible units per masked tensor after hiding ``ratio`` (p1) of them.
+
+    ``rng``: a numpy ``Generator`` -- FedQSN passes one whose whole state comes
+    from the server secret -- or a public integer seed.
+    """
+    generator = _generator(rng, "server-mask")
     return {
         name: _keep(torch.arange(count), ratio, generator)
         for name, count in sorted(policy.unit_counts.items())
     }
 
 
-def draw_client_mask(server_mask: UnitMask, ratio: float, seed: int) -> UnitMask:
+def draw_client_mask(server_mask: UnitMask, ratio: float, rng: RandomSource) -> UnitMask:
     """Units a client sees: ``ratio`` (p2) of the server-visible units hidden again.
 
-    ``seed`` should be derived from the run seed, the round and the client
-    (:func:`derive_seed`) so that every client gets a fresh, reproducible mask.
+    ``rng``: a numpy ``Generator`` (FedQSN: from the server secret, the round
+    and the client, so every client gets a fresh mask no client can predict)
+    or a public integer seed.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = _generator(rng, "client-mask")
     return {name: _keep(units, ratio, generator) for name, units in sorted(server_mask.items())}
 
 

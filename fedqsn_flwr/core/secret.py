@@ -4,7 +4,11 @@ Flower hands the whole run config to every ClientApp, so nothing a client must
 not predict may derive from the run's ``seed``: not the server mask, not the
 client masks, not the server's initialisation, pretraining order or the split
 of public data into its test and pretraining sets. Those derive from a
-*server secret* of 32 bytes, through :func:`secret_seed`.
+*server secret* of 32 bytes. Every such draw comes from a generator whose whole
+state derives from the secret (:func:`secret_rng` for numpy,
+:func:`secret_torch_generator` and :func:`torch_rng_from_secret` for torch),
+never from an integer seed: ``torch.manual_seed`` and ``Generator.manual_seed``
+keep 32 bits of any seed, and a client can search 2**32 seeds in minutes.
 
 Where the secret comes from (:func:`resolve_secret`, first match wins):
 
@@ -29,9 +33,15 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
 
 #: Environment variable of the ServerApp's process holding the secret (opt-in).
 SECRET_ENV = "FEDQSN_SERVER_SECRET"
@@ -55,13 +65,8 @@ def new_secret() -> bytes:
     return os.urandom(SECRET_BYTES)
 
 
-def secret_seed(secret: bytes, purpose: str, *keys: int) -> int:
-    """A 63-bit seed for ``purpose`` (and integer ``keys``) keyed by ``secret``.
-
-    BLAKE2b keyed with the secret over the purpose and the keys, each with its
-    length, so no two (purpose, keys) share a seed and nothing about the seed can
-    be computed without the secret.
-    """
+def _keyed(secret: bytes, purpose: str, keys: tuple[int, ...], size: int) -> bytes:
+    """Keyed BLAKE2b over the purpose and the keys, each with its length (injective)."""
     if len(secret) != SECRET_BYTES:
         raise SecretError(f"a server secret has {SECRET_BYTES} bytes, got {len(secret)}")
     name = purpose.encode()
@@ -69,17 +74,135 @@ def secret_seed(secret: bytes, purpose: str, *keys: int) -> int:
     for key in keys:
         # 64-bit unsigned: Flower's node ids (a node's fallback partition id) use it all
         if not 0 <= int(key) < 2**64:
-            raise SecretError(f"secret_seed keys are 0..2**64-1, got {key}")
+            raise SecretError(f"secret draw keys are 0..2**64-1, got {key}")
         data += struct.pack(">Q", int(key))
-    digest = hashlib.blake2b(data, key=secret, digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
+    return hashlib.blake2b(data, key=secret, digest_size=size).digest()
+
+
+def secret_entropy(secret: bytes, purpose: str, *keys: int) -> int:
+    """A 256-bit integer for ``purpose`` (and integer ``keys``) keyed by ``secret``.
+
+    No two (purpose, keys) share it, and nothing about it can be computed
+    without the secret. It is entropy for :class:`numpy.random.SeedSequence`,
+    never a seed for a generator that keeps fewer bits (``torch.manual_seed``,
+    ``Generator.manual_seed``, ``np.random.seed``, ``random.seed`` keep 32 to
+    64): use :func:`secret_rng`, :func:`secret_torch_generator` or
+    :func:`torch_rng_from_secret`.
+    """
+    return int.from_bytes(_keyed(secret, purpose, keys, SECRET_BYTES), "big")
+
+
+def secret_rng(secret: bytes, purpose: str, *keys: int) -> np.random.Generator:
+    """A numpy generator for ``purpose`` whose whole state derives from the secret.
+
+    PCG64 (128-bit state and 128-bit increment) filled by a ``SeedSequence``
+    of the 256-bit :func:`secret_entropy`. Same secret, purpose and keys: the
+    same draws.
+    """
+    entropy = secret_entropy(secret, purpose, *keys)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+# torch's CPU generator state (CPUGeneratorImplState): initial seed (u64), left
+# (i32), seeded (i32), next (u64), then MT19937's 624 words, each in a u64 slot,
+# then the normal-sample cache. Checked against a fresh generator on first use.
+_MT_WORDS = 624
+_MT_OFFSET = 24
+_MT_STATE_BYTES = 5056
+
+
+@lru_cache(maxsize=1)
+def _torch_template() -> np.ndarray:
+    state = torch.Generator().get_state().numpy().copy()  # seeded with torch's default
+    seed, left, seeded, _ = struct.unpack("<QiiQ", state[:_MT_OFFSET].tobytes())
+    first = int(state[_MT_OFFSET : _MT_OFFSET + 8].view("<u8")[0])
+    if state.size != _MT_STATE_BYTES or first != seed & 0xFFFFFFFF or seeded != 1 or left < 1:
+        raise RuntimeError(  # pragma: no cover - a torch whose CPU generator changed layout
+            f"torch {torch.__version__}: unexpected CPU generator state layout; secret "
+            "draws cannot set it in full"
+        )
+    return state
+
+
+def secret_torch_state(secret: bytes, purpose: str, *keys: int) -> torch.Tensor:
+    """A full torch CPU generator state (all 19,968 bits of MT19937) from the secret.
+
+    For ``torch.Generator.set_state`` or ``torch.random.set_rng_state``: unlike
+    ``manual_seed``, which keeps 32 bits, every state word comes from
+    :func:`secret_rng`.
+    """
+    state = _torch_template().copy()
+    words = secret_rng(secret, purpose, *keys).integers(0, 2**32, _MT_WORDS, dtype=np.uint64)
+    if not words.any():  # pragma: no cover - probability 2**-19968; MT's one bad state
+        words[0] = 1
+    state[_MT_OFFSET : _MT_OFFSET + 8 * _MT_WORDS] = words.astype("<u8").view(np.uint8)
+    state[:8] = 0  # no initial seed: the state did not come from one
+    state[12:16] = np.array([1], dtype="<i4").view(np.uint8)  # seeded
+    state[8:12] = np.array([1], dtype="<i4").view(np.uint8)  # left: twist before the first draw
+    return torch.from_numpy(state)
+
+
+def secret_torch_generator(secret: bytes, purpose: str, *keys: int) -> torch.Generator:
+    """A torch CPU generator whose whole state derives from the secret."""
+    generator = torch.Generator()
+    generator.set_state(secret_torch_state(secret, purpose, *keys))
+    return generator
+
+
+@contextmanager
+def torch_rng_from_secret(secret: bytes, purpose: str, *keys: int) -> Iterator[None]:
+    """Inside: torch's global CPU generator has a full state from the secret.
+
+    For code that draws from the global generator (module constructors,
+    ``reset_parameters``, dropout). The generator's previous state is put
+    back afterwards. GPU generators are left alone: CUDA's Philox keeps a
+    64-bit seed, so keep secret draws on the CPU.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(secret_torch_state(secret, purpose, *keys))
+        yield
+
+
+def init_from_secret(model: nn.Module, secret: bytes, purpose: str = "init") -> nn.Module:
+    """Re-initialise every parameter of ``model`` from the server secret; return it.
+
+    A model built as ``Net()`` takes torch's process seed, which a client can
+    search (32 bits). This calls each module's ``reset_parameters`` with
+    torch's global generator set in full from the secret (see
+    :func:`torch_rng_from_secret`), so the server's initialisation -- and what a
+    server mask hides of it -- cannot be recomputed. Same secret: same weights.
+
+    Raises
+    ------
+    ValueError
+        A parameter belongs to a module without ``reset_parameters`` (its
+        initialisation is the module's own code): build the model inside
+        ``with torch_rng_from_secret(secret, "init"):`` instead.
+
+    """
+    covered: set[int] = set()
+    with torch_rng_from_secret(secret, purpose):
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if reset is None:
+                reset = getattr(module, "_reset_parameters", None)  # nn.MultiheadAttention
+            if callable(reset):
+                reset()
+                covered.update(id(p) for p in module.parameters(recurse=False))
+    missed = [name for name, p in model.named_parameters() if id(p) not in covered]
+    if missed:
+        raise ValueError(
+            f"init_from_secret: no reset_parameters() re-initialises {missed}; build the model "
+            "inside `with fedqsn_flwr.torch_rng_from_secret(secret, 'init'):` instead"
+        )
+    return model
 
 
 def secret_digest(secret: bytes) -> str:
     """A fingerprint of ``secret`` for server-side checkpoints (tells secrets apart only).
 
     Keyed BLAKE2b of a fixed label: it reveals nothing usable about the secret,
-    and no seed :func:`secret_seed` derives equals it.
+    and no draw :func:`secret_entropy` derives equals it.
     """
     return hashlib.blake2b(b"checkpoint-digest", key=secret, digest_size=16).hexdigest()
 

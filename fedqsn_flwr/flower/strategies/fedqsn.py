@@ -29,7 +29,7 @@ from fedqsn_flwr.core.masking import (
     draw_client_mask,
     draw_server_mask,
 )
-from fedqsn_flwr.core.secret import new_secret, secret_digest, secret_seed
+from fedqsn_flwr.core.secret import new_secret, secret_digest, secret_rng
 from fedqsn_flwr.flower.privacy import ExposureTracker, SimilarityReference, unit_factors
 from fedqsn_flwr.flower.protocol import (
     FEEDBACK_RECORD,
@@ -58,6 +58,10 @@ from fedqsn_flwr.flower.strategies.utils import (
     TRAIN,
     proxy_metrics,
 )
+
+#: How masks are drawn from the secret (numpy PCG64 filled by the whole secret);
+#: a checkpoint of another scheme cannot resume under this one.
+SECRET_DRAWS = 2
 
 
 class FedQSN(MeasuredFedAvg):
@@ -187,7 +191,7 @@ class FedQSN(MeasuredFedAvg):
             raise ValueError("hidden_feedback needs a server mask (masked tensors and p1 > 0)")
         self.server_secret = server_secret if server_secret is not None else new_secret()
         self.server_mask: UnitMask = draw_server_mask(
-            policy, server_mask_ratio, secret_seed(self.server_secret, "server-mask")
+            policy, server_mask_ratio, secret_rng(self.server_secret, "server-mask")
         )
         self.hidden_feedback = hidden_feedback
         self.feedback_gradient_fn = feedback_gradient_fn
@@ -216,8 +220,8 @@ class FedQSN(MeasuredFedAvg):
 
     def client_mask(self, server_round: int, partition_id: int, purpose: int = TRAIN) -> UnitMask:
         """The client mask of one client (by partition id) in one round."""
-        seed = secret_seed(self.server_secret, "client-mask", server_round, purpose, partition_id)
-        return draw_client_mask(self.server_mask, self.client_mask_ratio, seed)
+        rng = secret_rng(self.server_secret, "client-mask", server_round, purpose, partition_id)
+        return draw_client_mask(self.server_mask, self.client_mask_ratio, rng)
 
     def server_model(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The paper's *server model*: the global model under the server mask only."""
@@ -393,6 +397,7 @@ class FedQSN(MeasuredFedAvg):
         """
         state = super().checkpoint_state()
         state["secret_digest"] = secret_digest(self.server_secret)
+        state["secret_draws"] = SECRET_DRAWS
         if self._exposure is not None:
             state["exposure_seen"] = {n: m.clone() for n, m in self._exposure.seen.items()}
         return state
@@ -414,6 +419,12 @@ class FedQSN(MeasuredFedAvg):
             raise ValueError(
                 "the checkpoint was taken under another server secret: resuming with a new "
                 "server mask would show clients units hidden so far; pass the run's server_secret"
+            )
+        if state.get("secret_draws") != SECRET_DRAWS:
+            raise ValueError(
+                "the checkpoint was written by a fedqsn-flwr that drew its masks from the secret "
+                "another way: resuming would draw another server mask and show clients units "
+                "hidden so far; finish the run with the version that started it"
             )
         super().restore(state)
         if "exposure_seen" in state and global_state is not None:
