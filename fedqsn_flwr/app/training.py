@@ -110,11 +110,11 @@ def train(
     """
     if len(data) == 0 or epochs == 0:
         return float("nan")
-    if isinstance(seed, torch.Generator):
-        order_rng = seed
-    else:
+    if isinstance(seed, int):
         torch.manual_seed(seed)  # dropout
         order_rng = torch.Generator().manual_seed(seed)
+    else:
+        order_rng = seed
     params = dict(model.named_parameters())
     anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu else {}
     device = model_device(model)
