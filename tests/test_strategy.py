@@ -8,14 +8,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
+from fedqsn_flwr.core.feedback import server_hidden
 from fedqsn_flwr.core.masking import policy_for_model
 from fedqsn_flwr.flower.protocol import (
+    LAYOUT_RECORD,
     METRICS_RECORD,
+    PROXY_RECORD,
     UPDATE_RECORD,
 )
 from fedqsn_flwr.flower.proxy import (
+    checked_update,
     decode_update,
     encode_proxy,
+    proxy_norm,
 )
 from fedqsn_flwr.flower.strategies import FedQSN
 from tests.helpers import TEST_SECRET, LocalGrid
@@ -181,3 +186,73 @@ def test_absurd_num_examples_and_outlier_norms_are_rejected(base_config, caplog)
     assert f"node {node_of[2]}: 'num-examples' = 1000000000 exceeds the bound" in caplog.text
     assert f"node {node_of[3]}: 'num-examples' = -4 is outside (0, 10000]" in caplog.text
     assert strategy.round_log[1]["num_aggregated"] == 2
+
+
+def _with_norm(target):
+    """A tamper that scales a reply's update to L2 norm ``target`` (global units)."""
+
+    def tamper(reply):
+        update = reply.content[UPDATE_RECORD]
+        node = reply.metadata.src_node_id
+        strategy = _TAMPERED_BY[node]
+        _, norm = checked_update(update, strategy._sent[node], strategy.policy)
+        arrays = {}
+        for key in update.keys():
+            values = update[key].numpy()
+            arrays[key] = Array((values * (target / norm)).astype(values.dtype))
+        return Message(
+            RecordDict(
+                {UPDATE_RECORD: ArrayRecord(arrays), METRICS_RECORD: reply.content[METRICS_RECORD]}
+            ),
+            reply_to=_origin(reply),
+        )
+
+    return tamper
+
+
+_TAMPERED_BY = {}
+
+
+def test_update_norm_bound_does_not_depend_on_hidden_values(base_config, caplog):
+    """Colluders who probe with chosen update norms learn nothing about hidden weights."""
+    strategy, state = _strategy(2)
+    hidden = server_hidden(strategy.policy, strategy.server_mask)
+    # the same model with its server-hidden units 30 times larger: a global-norm bound
+    # would accept more under it, and acceptance would tell the client so
+    inflated = {k: v.clone() for k, v in state.items()}
+    for name, units in hidden.items():
+        axis = strategy.policy.unit_axes[name]
+        inflated[name].index_copy_(axis, units, inflated[name].index_select(axis, units) * 30.0)
+
+    def norm(s):
+        return float(torch.cat([v.flatten() for v in s.values() if v.is_floating_point()]).norm())
+
+    ratio = strategy.max_update_norm_ratio
+    decisions = {}
+    for name, global_state in (("state", state), ("inflated", inflated)):
+        for factor in (0.99, 1.01):
+            strategy, _ = _strategy(2)
+            grid = LocalGrid(2, base_config)
+            messages = list(
+                strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), grid)
+            )
+            node = messages[0].metadata.dst_node_id
+            sent = proxy_norm(messages[0].content[PROXY_RECORD], messages[0].content[LAYOUT_RECORD])
+            target = factor * ratio * sent
+            # with the whole model's norm as the bound, the inflated model accepts both
+            assert name == "state" or target < ratio * norm(global_state)
+            for message in messages:
+                _ORIGINS[message.metadata.dst_node_id] = message
+                _TAMPERED_BY[message.metadata.dst_node_id] = strategy
+            grid.tamper = {grid.partition(node): _with_norm(target)}
+            replies = grid.send_and_receive(messages)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                strategy.aggregate_train(1, replies)
+            decisions[name, factor] = f"rejected reply from node {node}" not in caplog.text
+    assert decisions == {
+        ("state", 0.99): True,
+        ("state", 1.01): False,
+        ("inflated", 0.99): True,
+        ("inflated", 1.01): False,
+    }

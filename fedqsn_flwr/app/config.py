@@ -116,8 +116,9 @@ SPEC: dict[str, Key] = {
         float,
         "a finite number >= 0 (0 = no bound)",
         lambda v: v >= 0,
-        "reject updates whose norm exceeds this times the global model's norm or (3+ replies) "
-        "the round's median update norm; 0 = off (every strategy)",
+        "reject updates whose norm exceeds this times the norm of the model the client was sent "
+        "(FedQSN: its proxy, never the hidden part) or (3+ replies) the round's median update "
+        "norm; 0 = off (every strategy)",
     ),
     "local-epochs": _integer(5, 1, "client epochs per round"),
     "learning-rate": _positive(0.05, "SGD learning rate (momentum 0.9), clients and pretraining"),

@@ -604,6 +604,34 @@ def received_slice(piece: PackedTensor, bit_width: int, block_size: int) -> torc
     return values.view(piece.slice_shape)
 
 
+def proxy_norm(
+    arrays: ArrayRecord, layout: ConfigRecord, unmasked: dict[str, float] | None = None
+) -> float:
+    """L2 norm, in global units, of the float values a proxy message carries.
+
+    It is what the client received (decoded codes, unit scaling undone), so a
+    bound on updates relative to it tells the client nothing it does not hold.
+    ``unmasked`` caches the sums of squares of unmasked tensors by name: pass
+    one dict for the proxies of one round, which all carry the same codes for
+    them (:func:`encode_proxy`'s ``shared``).
+    """
+    bit_width, block_size = int(layout["bit-width"]), int(layout["block-size"])
+    total = 0.0
+    for piece in iter_packed(arrays, layout):
+        floats = piece.values is not None and piece.values.is_floating_point()
+        if piece.packed is None and not floats:
+            continue
+        if piece.units is None and unmasked is not None and piece.name in unmasked:
+            total += unmasked[piece.name]
+            continue
+        divisor = piece.shape[piece.axis] / piece.units.numel() if piece.units is not None else 1.0
+        squares = sums_of_squares([received_slice(piece, bit_width, block_size)], [divisor])[0]
+        if piece.units is None and unmasked is not None:
+            unmasked[piece.name] = squares
+        total += squares
+    return math.sqrt(total)
+
+
 def decode_proxy(
     arrays: ArrayRecord, layout: ConfigRecord, into: Mapping[str, torch.Tensor] | None = None
 ) -> Proxy:

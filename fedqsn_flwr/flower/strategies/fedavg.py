@@ -105,8 +105,9 @@ class MeasuredFedAvg(FedAvg):
         finite).
     max_update_norm_ratio : float (default: 10.0)
         Robustness to a single hostile client: an update (reply minus what was
-        sent, in global units) whose L2 norm exceeds this many times the global
-        model's norm is rejected, and with at least 3 replies left, so is one
+        sent, in global units) whose L2 norm exceeds this many times the norm of
+        the model the client was sent (the global model here; FedQSN's proxy) is
+        rejected, and with at least 3 replies left, so is one
         exceeding this many times the round's median update norm. ``inf``: off.
 
     Resuming: after :meth:`restore` with a checkpoint taken after round ``n``,
@@ -473,6 +474,13 @@ class MeasuredFedAvg(FedAvg):
         )
         return record, float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
 
+    def _norm_limit(self, message: Message) -> float:
+        """The norm a reply's update is bounded by (times ``max_update_norm_ratio``).
+
+        FedAvg's clients hold the global model, so its norm tells them nothing.
+        """
+        return self._model_norm
+
     def _norm_bounded(self, server_round: int, items: list[tuple[Message, float]]) -> list[bool]:
         """Which of (reply, update norm) pass the norm bounds (``max_update_norm_ratio``)."""
         ratio = self.max_update_norm_ratio
@@ -480,13 +488,14 @@ class MeasuredFedAvg(FedAvg):
         if math.isinf(ratio):
             return keep
         for i, (message, norm) in enumerate(items):
-            if not norm <= ratio * self._model_norm:
+            limit = self._norm_limit(message)
+            if not norm <= ratio * limit:
                 keep[i] = False
                 self._reject(
                     server_round,
                     message,
-                    f"update norm {norm:.4g} is more than {ratio:g} times the global "
-                    f"model's norm {self._model_norm:.4g}",
+                    f"update norm {norm:.4g} is more than {ratio:g} times the norm "
+                    f"{limit:.4g} of the model the client was sent",
                 )
         left = [norm for (_, norm), k in zip(items, keep, strict=True) if k]
         if len(left) < 3:

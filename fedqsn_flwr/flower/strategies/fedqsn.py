@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates, sums_of_squares
+from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
 from fedqsn_flwr.core.feedback import (
     ClientFeedback,
     GradientFn,
@@ -50,6 +50,7 @@ from fedqsn_flwr.flower.proxy import (
     hidden_units,
     iter_packed,
     proxy_layout,
+    proxy_norm,
 )
 from fedqsn_flwr.flower.replies import checked_metrics, reason
 from fedqsn_flwr.flower.strategies.fedavg import MeasuredFedAvg
@@ -127,8 +128,9 @@ class FedQSN(MeasuredFedAvg):
         ``evaluate_metrics_aggr_fn``; all honoured) and ``seed`` (of node
         sampling: public, clients may know it), ``proxy_evaluate_fn`` (called on
         every proxy decoded from its message), ``message_sink``,
-        ``max_num_examples``, ``max_update_norm_ratio`` (updates compared in
-        global units). ``arrayrecord_key`` is refused: FedQSN sends proxies
+        ``max_num_examples``, ``max_update_norm_ratio`` (an update, in global
+        units, against the norm of the proxy its client was sent: never the
+        global model's, whose hidden part acceptance would then reveal). ``arrayrecord_key`` is refused: FedQSN sends proxies
         (``"proxy"``, ``"proxy-layout"``) and takes back updates (``"update"``),
         never plain arrays (:mod:`fedqsn_flwr.flower.protocol`). An unknown
         name raises :class:`TypeError`.
@@ -205,6 +207,7 @@ class FedQSN(MeasuredFedAvg):
         self._learning_rate = 0.0
         self._global: dict[str, torch.Tensor] = {}
         self._sent: dict[int, ProxySpec] = {}
+        self._sent_norms: dict[int, float] = {}
         self._exposure: ExposureTracker | None = None
 
     def summary(self) -> None:
@@ -282,13 +285,6 @@ class FedQSN(MeasuredFedAvg):
             if self.privacy_metrics
             else None
         )
-        if reference is not None:
-            squares = list(reference.squares.values())
-        else:
-            floats = [t for t in self._global.values() if t.is_floating_point()]
-            squares = sums_of_squares(floats, [1.0] * len(floats))
-        total = sum(squares)
-        self._model_norm = math.sqrt(total) if math.isfinite(total) else math.inf
         if self.hidden_feedback:
             self._prepare_feedback(config)
         if self._exposure is None and self.privacy_metrics:
@@ -296,7 +292,8 @@ class FedQSN(MeasuredFedAvg):
         state = self._on_device(arrays, self._global)
         layout = self._layout(state)
         messages: list[Message] = []
-        self._sent = {}
+        self._sent, self._sent_norms = {}, {}
+        unmasked_squares: dict[str, float] = {}
         sims: dict[str, float] = {}
         accuracies: list[float | Mapping[str, float]] = []
         shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unmasked codes, once
@@ -307,6 +304,11 @@ class FedQSN(MeasuredFedAvg):
                 state, server_round, node_id, config, MessageType.TRAIN, TRAIN, layout, shared
             )
             messages.append(message)
+            # the update bound's reference: the proxy's norm, which the client holds,
+            # not the global model's, which would make acceptance an oracle on it
+            self._sent_norms[node_id] = proxy_norm(
+                message.content[PROXY_RECORD], message.content[LAYOUT_RECORD], unmasked_squares
+            )
             if self.hidden_feedback:
                 self._references[node_id] = self._reference_gradient(message)
             if not self.privacy_metrics and self.proxy_evaluate_fn is None:
@@ -466,6 +468,10 @@ class FedQSN(MeasuredFedAvg):
         if messages and self._exposure is not None:
             self._log_round(server_round, exposure=self._exposure.exposure)
         return messages
+
+    def _norm_limit(self, message: Message) -> float:
+        found = self._sent_norms.get(message.metadata.src_node_id, math.inf)
+        return found if math.isfinite(found) else math.inf
 
     def _without_outliers(
         self, server_round: int, accepted: list[tuple[Message, ClientUpdate, float]]
