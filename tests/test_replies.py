@@ -242,7 +242,7 @@ def test_bad_or_stolen_partition_claims_are_refused(base_config, claim):
 def test_one_huge_finite_update_cannot_blow_up_the_model_by_default(
     base_config, caplog, strategy_name, nodes
 ):
-    """The default config's norm bound: no median with 2 replies, the norm of what was sent still holds."""
+    """The default norm bound: no median with 2 replies, the norm of what was sent holds."""
     strategy, state, config = _strategy(base_config, strategy_name, nodes=nodes)
     assert config["max-update-norm-ratio"] == 10.0  # the default
     grid = LocalGrid(nodes, config)

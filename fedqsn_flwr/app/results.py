@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, fields
@@ -18,6 +17,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedqsn_flwr.app.config import output_root
+from fedqsn_flwr.app.private import private_dir, private_open, save_private, write_private
 from fedqsn_flwr.app.sources import LANGUAGE_MODELLING
 from fedqsn_flwr.flower.strategies import MessageEntry
 
@@ -78,9 +78,11 @@ class RunRecorder:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.directory = output_root(config) / run_name(config)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # the output-dir the app creates is private too; one the user made stays theirs
+            private_dir(self.directory.parent, restrict_existing=False)
+            private_dir(self.directory)
             probe = self.directory / ".writable"
-            probe.write_text("")
+            write_private(probe, "")
             probe.unlink()
         except OSError as err:
             raise RunFolderError(
@@ -96,11 +98,11 @@ class RunRecorder:
             self._resume(config)
         else:
             self._write_config(config)
-            with self.metrics_path.open("w", newline="") as handle:
+            with private_open(self.metrics_path, "w", newline="") as handle:
                 csv.writer(handle).writerow(METRIC_COLUMNS)
 
     def _write_config(self, config: Mapping[str, Any]) -> None:
-        (self.directory / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=True))
+        write_private(self.directory / "config.yaml", yaml.safe_dump(dict(config), sort_keys=True))
 
     def _resume(self, config: Mapping[str, Any]) -> None:
         config_path = self.directory / "config.yaml"
@@ -135,7 +137,7 @@ class RunRecorder:
         by_round = {int(r["round"]): r for r in rows if r["round"] <= done}
         self.rows = [by_round[r] for r in sorted(by_round)]
         self._start -= self.rows[-1]["elapsed_seconds"] if self.rows else 0.0
-        with self.metrics_path.open("w", newline="") as handle:
+        with private_open(self.metrics_path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(METRIC_COLUMNS)
             writer.writerows([_cell(r.get(c, math.nan)) for c in METRIC_COLUMNS] for r in self.rows)
@@ -144,35 +146,35 @@ class RunRecorder:
         self, server_round: int, state: Mapping[str, torch.Tensor], strategy: Mapping[str, Any]
     ) -> None:
         """Atomically store what a restart needs to continue after ``server_round``."""
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save({"round": server_round, "global": dict(state), "strategy": dict(strategy)}, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        save_private(
+            {"round": server_round, "global": dict(state), "strategy": dict(strategy)},
+            self.checkpoint_path,
+        )
 
     def add_round(self, values: Mapping[str, float]) -> dict[str, float]:
         """Append one round's row (missing values are written empty)."""
         row = {col: values.get(col, math.nan) for col in METRIC_COLUMNS}
         row["elapsed_seconds"] = round(time.monotonic() - self._start, 3)
         self.rows.append(row)
-        with self.metrics_path.open("a", newline="") as handle:
+        with private_open(self.metrics_path, "a", newline="") as handle:
             csv.writer(handle).writerow(_cell(row[col]) for col in METRIC_COLUMNS)
         return row
 
     def save_received(self, server_round: int, partition_id: int, message: Message) -> None:
         """Store what one client received (see :func:`load_saved_messages`)."""
-        folder = self.directory / MESSAGES_DIR / f"round-{server_round:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = private_dir(self.directory / MESSAGES_DIR / f"round-{server_round:03d}")
         data = recorddict_to_proto(message.content).SerializeToString()
         kind = message.metadata.message_type
-        (folder / f"{kind}-partition-{partition_id:03d}.pb").write_bytes(data)
+        write_private(folder / f"{kind}-partition-{partition_id:03d}.pb", data)
 
     def write_federation(self, num_partitions: int, partition_ids: list[int]) -> None:
         """Write ``federation.yaml``: how the client pool was partitioned."""
         info = {"num-partitions": num_partitions, "partition-ids": partition_ids}
-        (self.directory / "federation.yaml").write_text(yaml.safe_dump(info))
+        write_private(self.directory / "federation.yaml", yaml.safe_dump(info))
 
     def write_messages(self, entries: Iterable[MessageEntry]) -> None:
         """Write ``messages.csv`` (one line per message sent or received)."""
-        with (self.directory / "messages.csv").open("w", newline="") as handle:
+        with private_open(self.directory / "messages.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(MessageEntry)])
             writer.writeheader()
             writer.writerows(asdict(entry) for entry in entries)
@@ -180,7 +182,7 @@ class RunRecorder:
     def save_model(self, state: Mapping[str, torch.Tensor]) -> Path:
         """Save the final global model's state dict."""
         path = self.directory / "final_model.pt"
-        torch.save(dict(state), path)
+        save_private(state, path)
         return path
 
     def summary_table(self) -> str:

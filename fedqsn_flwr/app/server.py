@@ -6,7 +6,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import pickle
 import random
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from torch import nn
 from fedqsn_flwr.app.config import ConfigError, output_root
 from fedqsn_flwr.app.huggingface import CAUSAL_LM, hf_folder, is_hf
 from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.private import private_dir, save_private
 from fedqsn_flwr.app.results import RunRecorder
 from fedqsn_flwr.app.sources import data_key
 from fedqsn_flwr.app.splits import ServerData, load_server_data
@@ -124,11 +124,8 @@ def initial_model(
             loss,
         )
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, cache)
+            private_dir(cache.parent)
+            save_private({k: v.cpu() for k, v in model.state_dict().items()}, cache)
     return model
 
 

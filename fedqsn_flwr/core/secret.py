@@ -234,6 +234,7 @@ def store_secret(run_dir: Path, secret: bytes) -> None:
     file = run_dir / SECRET_FILE
     tmp = file.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover tmp file would keep its own mode
     with os.fdopen(fd, "wb") as handle:
         handle.write(secret)
     os.replace(tmp, file)

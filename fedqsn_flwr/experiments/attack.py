@@ -65,6 +65,7 @@ import yaml
 
 from fedqsn_flwr.app.huggingface import CAUSAL_LM
 from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.private import write_private
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
 from fedqsn_flwr.app.sources import data_key
 from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data
@@ -368,7 +369,7 @@ def run_attacks(
         "upper bounds"
         + ("; leakage on token loss (log perplexity)" if name == "perplexity" else ""),
     }
-    (run_dir / "attacks.json").write_text(json.dumps(report, indent=2))
+    write_private(run_dir / "attacks.json", json.dumps(report, indent=2))
     return report
 
 

@@ -35,7 +35,6 @@ import csv
 import io
 import json
 import math
-import os
 import secrets
 import statistics
 import sys
@@ -48,6 +47,7 @@ from typing import Any
 import yaml
 
 from fedqsn_flwr.app.config import STRATEGIES, ConfigError, resolve
+from fedqsn_flwr.app.private import private_dir, write_private
 from fedqsn_flwr.app.results import read_metrics
 from fedqsn_flwr.experiments.plots import comparison_metric, run_metric
 
@@ -401,8 +401,8 @@ def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]
 
     # absolute: a relative output-dir would be taken under the home folder
     out = out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    runs_dir = out / "runs"
+    private_dir(out, restrict_existing=False)  # the secrets and runs inside are private
+    runs_dir = private_dir(out / "runs")
     secret_files = _seed_secrets(out, {spec.seed for spec in plan.runs})
     rows: list[dict[str, Any]] = []
     total = len(plan.runs)
@@ -418,7 +418,7 @@ def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]
             start = time.monotonic()
             simulate(config, num_nodes=plan.nodes)
             wall = time.monotonic() - start
-            (run_dir / "compare.json").write_text(json.dumps({"wall_seconds": round(wall, 2)}))
+            write_private(run_dir / "compare.json", json.dumps({"wall_seconds": round(wall, 2)}))
         if attacks and not (run_dir / "attacks.json").exists():
             if plan.attack_epochs is None:
                 run_attacks(run_dir)
@@ -440,15 +440,12 @@ def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]
 
 def _seed_secrets(out: Path, seeds: set[int]) -> dict[int, Path]:
     """One server-secret file per seed under ``<out>/secrets/`` (written once, 0600)."""
-    folder = out / "secrets"
-    folder.mkdir(exist_ok=True, mode=0o700)
+    folder = private_dir(out / "secrets")
     files = {}
     for seed in sorted(seeds):
         file = folder / f"seed{seed}.secret"
         if not file.exists():
-            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
+            write_private(file, secrets.token_hex(32))
         files[seed] = file.resolve()
     return files
 

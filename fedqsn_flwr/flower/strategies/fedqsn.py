@@ -130,10 +130,11 @@ class FedQSN(MeasuredFedAvg):
         every proxy decoded from its message), ``message_sink``,
         ``max_num_examples``, ``max_update_norm_ratio`` (an update, in global
         units, against the norm of the proxy its client was sent: never the
-        global model's, whose hidden part acceptance would then reveal). ``arrayrecord_key`` is refused: FedQSN sends proxies
-        (``"proxy"``, ``"proxy-layout"``) and takes back updates (``"update"``),
-        never plain arrays (:mod:`fedqsn_flwr.flower.protocol`). An unknown
-        name raises :class:`TypeError`.
+        global model's, whose hidden part acceptance would then reveal).
+        ``arrayrecord_key`` is refused: FedQSN sends proxies (``"proxy"``,
+        ``"proxy-layout"``) and takes back updates (``"update"``), never plain
+        arrays (:mod:`fedqsn_flwr.flower.protocol`). An unknown name raises
+        :class:`TypeError`.
 
     """
 
