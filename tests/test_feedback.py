@@ -5,15 +5,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedqsn_flwr.app.config import ConfigError, validate
 from fedqsn_flwr.app.models import DIGITS_SPEC, build_model
-from fedqsn_flwr.app.server import build_strategy, feedback_gradient_fn, train_config
+from fedqsn_flwr.app.server import build_strategy, feedback_fns, train_config
 from fedqsn_flwr.app.sources import data_key
 from fedqsn_flwr.app.splits import ServerData, Split, load_server_data
-from fedqsn_flwr.core.feedback import ClientFeedback, feedback_direction, hidden_slices
-from fedqsn_flwr.core.masking import draw_client_mask, draw_server_mask, policy_for_model
+from fedqsn_flwr.core.feedback import (
+    ClientFeedback,
+    feedback_direction,
+    guarded_feedback,
+    hidden_slices,
+    local_steps,
+)
+from fedqsn_flwr.core.masking import (
+    MaskPolicy,
+    draw_client_mask,
+    draw_server_mask,
+    policy_for_model,
+)
 from fedqsn_flwr.core.secret import from_text
 from fedqsn_flwr.flower.protocol import (
     FEEDBACK_RECORD,
@@ -83,15 +94,41 @@ def test_bad_feedback_is_refused():
 
 def test_direction_is_the_control_variate_and_clips_each_client():
     full = {"w": torch.tensor([[1.0, 2.0]])}
-    honest = ClientFeedback({"w": torch.tensor([[3.0, 0.0]])}, {"w": torch.tensor([[1.0, 0.0]])}, 1)
-    other = ClientFeedback({"w": torch.tensor([[0.0, 1.0]])}, {"w": torch.tensor([[0.0, 2.0]])}, 3)
+    honest = ClientFeedback({"w": torch.tensor([[3.0, 0.0]])}, {"w": torch.tensor([[1.0, 0.0]])})
+    other = ClientFeedback({"w": torch.tensor([[0.0, 1.0]])}, {"w": torch.tensor([[0.0, 2.0]])})
     direction = feedback_direction([honest, other], full, clip=5.0)
-    # full + (1 * (g - ref) + 3 * (g - ref)) / 4
-    expected = torch.tensor([[1.0 + 0.25 * 2.0, 2.0 + 0.75 * -1.0]])
+    # full + ((g - ref) + (g - ref)) / 2: every reply counts the same
+    expected = torch.tensor([[1.0 + 0.5 * 2.0, 2.0 + 0.5 * -1.0]])
     assert torch.allclose(direction["w"], expected)
-    huge = ClientFeedback({"w": torch.tensor([[1e9, 0.0]])}, {"w": torch.tensor([[1.0, 0.0]])}, 1)
+    huge = ClientFeedback({"w": torch.tensor([[1e9, 0.0]])}, {"w": torch.tensor([[1.0, 0.0]])})
     clipped = feedback_direction([huge], full, clip=5.0)
     assert torch.allclose(clipped["w"], torch.tensor([[1.0 + 5.0 - 1.0, 2.0]]))
+
+
+def test_local_steps_follow_the_low_median_claim():
+    # one claim among three cannot raise the step above an honest client's
+    assert local_steps([100, 120, 100_000], epochs=2, batch_size=32) == 2 * 4
+    assert local_steps([100, 100_000], epochs=1, batch_size=32) == 4
+    assert local_steps([64], epochs=3, batch_size=32) == 6
+
+
+def test_guard_halves_a_step_that_raises_the_held_out_loss_and_drops_a_useless_one():
+    policy = MaskPolicy(unit_axes={"w": 1}, unit_counts={"w": 2})
+    state = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+    hidden = {"w": torch.tensor([1])}  # input unit 1: column 1
+    direction = {"w": torch.ones(2, 1)}
+
+    def loss_at_minus_one(s):  # held-out loss, least where the hidden entries are -1
+        return float((s["w"][:, 1] + 1).pow(2).sum())
+
+    stepped, kept = guarded_feedback(state, policy, hidden, direction, 1.0, loss_at_minus_one)
+    assert kept == 1.0 and float(stepped["w"].sum()) == -2.0
+    # a step of 8 overshoots to -8 (loss 98 > 2); 4 to -4 (18); 2 to -2 (2 <= 2): kept
+    stepped, kept = guarded_feedback(state, policy, hidden, direction, 8.0, loss_at_minus_one)
+    assert kept == 0.25 and float(stepped["w"].sum()) == -4.0
+    # a direction that only raises the loss is dropped: the state comes back unchanged
+    stepped, kept = guarded_feedback(state, policy, hidden, direction, -1.0, loss_at_minus_one)
+    assert kept == 0.0 and torch.equal(stepped["w"], state["w"])
 
 
 def _federation(base_config, feedback, tamper=None):
@@ -114,8 +151,8 @@ def _federation(base_config, feedback, tamper=None):
         config["pretrain-fraction"],
         SECRET,
     )
-    gradient = feedback_gradient_fn(config, model, data, SECRET) if feedback else None
-    strategy = build_strategy(config, model, None, None, SECRET, gradient)
+    fns = feedback_fns(config, model, data, SECRET) if feedback else None
+    strategy = build_strategy(config, model, None, None, SECRET, fns)
     grid = LocalGrid(3, config, tamper=tamper)
     result = strategy.start(
         grid, ArrayRecord(start), num_rounds=1, train_config=train_config(config)
@@ -153,7 +190,7 @@ def test_feedback_moves_only_server_hidden_units_by_the_control_variate_step(bas
     # ... by exactly -step * direction, recomputed here from the messages
     gradient_fn = strategy.feedback_gradient_fn
     hidden = strategy._server_hidden
-    feedback = []
+    feedback, claims = [], []
     for sent, reply in zip(grid.sent[-3:], grid.replies[-3:], strict=True):
         proxy = decode_proxy(sent.content["proxy"], sent.content["proxy-layout"])
         ref = hidden_slices(gradient_fn(proxy.state), strategy.policy, hidden)
@@ -164,16 +201,15 @@ def test_feedback_moves_only_server_hidden_units_by_the_control_variate_step(bas
             among = hidden_units(strategy.policy.unit_counts[name], spec_visible[name])
             values = torch.from_numpy(raw[name].numpy().astype(np.float32))
             g[name] = values.index_select(axis, torch.searchsorted(among, hidden[name]))
-        weight = float(reply.content[METRICS_RECORD]["num-examples"])
-        feedback.append(ClientFeedback(g, ref, weight))
+        feedback.append(ClientFeedback(g, ref))
+        claims.append(float(reply.content[METRICS_RECORD]["num-examples"]))
     full = hidden_slices(gradient_fn(start), strategy.policy, hidden)
     direction = feedback_direction(feedback, full, strategy.feedback_clip)
     config = train_config(validate({**base_config}))
-    weights = [f.weight for f in feedback]
-    steps = sum(
-        config["local-epochs"] * math.ceil(w / config["batch-size"]) * w for w in weights
-    ) / sum(weights)
-    step = config["learning-rate"] * steps
+    steps = config["local-epochs"] * math.ceil(sorted(claims)[1] / config["batch-size"])
+    kept = strategy.round_log[1]["feedback_kept"]
+    assert kept > 0  # the guard kept (some of) the step: the test checks its size
+    step = kept * config["learning-rate"] * steps
     for name in moved:
         assert torch.allclose(moved[name], -step * direction[name], rtol=1e-4, atol=1e-6), name
 
@@ -234,4 +270,52 @@ def test_feedback_needs_server_data(base_config):
     empty = Split(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
     data = ServerData(test=empty, pretrain=empty, pool=empty, spec=DIGITS_SPEC)
     with pytest.raises(ConfigError, match="server's own"):
-        feedback_gradient_fn(config, build_model("cnn"), data, SECRET)
+        feedback_fns(config, build_model("cnn"), data, SECRET)
+
+
+def _claims(num_examples):
+    """A reply whose only change is its claimed number of examples."""
+
+    def tamper(reply):
+        metrics = dict(reply.content[METRICS_RECORD])
+        content = dict(reply.content.items())
+        content[METRICS_RECORD] = MetricRecord({**metrics, "num-examples": num_examples})
+        return Message(RecordDict(content), reply_to=_ORIGIN[reply.metadata.src_node_id])
+
+    return tamper
+
+
+def _norm(tensors):
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+
+
+def test_a_claim_of_100000_examples_moves_hidden_units_no_further_than_an_honest_reply(
+    base_config, monkeypatch
+):
+    _remember_origins(monkeypatch)
+    honest, start, final, grid = _federation(base_config, True)
+    claims = [float(r.content[METRICS_RECORD]["num-examples"]) for r in grid.replies[-3:]]
+    claimed, _, final_claimed, _ = _federation(base_config, True, tamper={0: _claims(100_000)})
+    assert claimed.round_log[1]["num_aggregated"] == 3
+
+    def direction(strategy):
+        feedback = [strategy._feedback[n] for n in sorted(strategy._feedback)]
+        return feedback_direction(feedback, strategy._full_gradient, strategy.feedback_clip)
+
+    # the claim does not weigh in the direction: every reply counts the same ...
+    honest_direction, claimed_direction = direction(honest), direction(claimed)
+    for name, values in honest_direction.items():
+        assert torch.allclose(values, claimed_direction[name], rtol=1e-5, atol=1e-7), name
+    # ... nor stretch the step beyond what honest claims give (the low median of 3)
+    config = validate({**base_config})
+    longest = config["learning-rate"] * local_steps(
+        [max(claims)], config["local-epochs"], config["batch-size"]
+    )
+    honest_move = _norm(_server_hidden_change(honest, start, final))
+    claimed_move = _norm(_server_hidden_change(claimed, start, final_claimed))
+    assert 0 < claimed_move <= longest * _norm(honest_direction) * (1 + 1e-5)
+    print(
+        f"claims {claims}; hidden units moved {honest_move:.4g} (honest), "
+        f"{claimed_move:.4g} (one claims 100,000); hidden-unit norm "
+        f"{_norm(_server_hidden_change(honest, {k: 0 * v for k, v in start.items()}, start)):.4g}"
+    )

@@ -73,6 +73,31 @@ def test_resolve_secret_order_and_resume(tmp_path):
         resolve_secret({"server-secret-file": str(tmp_path / "nope")}, run, False, environ={})
 
 
+def test_build_strategy_reads_the_configured_secret_like_the_server_app(tmp_path, monkeypatch):
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    file = tmp_path / "secret"
+    file.write_text("my model's secret")
+    config = validate({**DEFAULTS, "server-mask-ratio": 0.5, "server-secret-file": str(file)})
+    model = build_model("cnn")
+    first, second = (build_strategy(config, model, None) for _ in range(2))
+    expected = resolve_secret(config, tmp_path, resuming=False)[0]
+    assert (
+        first.server_secret == second.server_secret == expected == from_text(b"my model's secret")
+    )
+    # the environment variable wins, as in the ServerApp
+    monkeypatch.setenv(SECRET_ENV, "from the environment")
+    assert build_strategy(config, model, None).server_secret == from_text("from the environment")
+    # an explicit secret wins over both; without any, every strategy draws fresh bytes
+    assert build_strategy(config, model, None, server_secret=b"x" * 32).server_secret == b"x" * 32
+    monkeypatch.delenv(SECRET_ENV)
+    plain = validate({**DEFAULTS, "server-mask-ratio": 0.5})
+    assert build_strategy(plain, model, None).server_secret != (
+        build_strategy(plain, model, None).server_secret
+    )
+    with pytest.raises(ConfigError, match="server-secret-file"):
+        build_strategy({**plain, "server-secret-file": str(tmp_path / "missing")}, model, None)
+
+
 def test_server_mask_comes_from_the_secret_not_the_seed():
     model = build_model("cnn")
     policy = policy_for_model(model)
@@ -136,7 +161,7 @@ def test_hidden_feedback_is_refused_without_a_server_mask():
     with pytest.raises(ConfigError, match="hidden-feedback"):
         validate({**DEFAULTS, "strategy": "fedq", "hidden-feedback": True})
     config = validate({**DEFAULTS, "hidden-feedback": True})
-    with pytest.raises(ValueError, match="feedback_gradient_fn"):
+    with pytest.raises(ValueError, match="feedback_gradient_fn.*feedback_loss_fn"):
         build_strategy(config, build_model("cnn"), None)
 
 

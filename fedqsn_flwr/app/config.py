@@ -160,7 +160,10 @@ SPEC: dict[str, Key] = {
         "hidden units with it and a control variate from its own data (fedsn/fedqsn)",
     ),
     "feedback-examples": _integer(
-        2000, 1, "hidden-feedback: examples of the server's own data for the control variate"
+        2000,
+        1,
+        "hidden-feedback: examples of the server's own data for the control variate, and as "
+        "many others held out to guard each step (each half the pretraining set when smaller)",
     ),
     "feedback-step": _positive(
         1.0, "hidden-feedback: step on hidden units, in units of learning rate x local steps"

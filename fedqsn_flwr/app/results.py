@@ -44,6 +44,7 @@ METRIC_COLUMNS = (
     "cosine_masked",
     "rel_l2_masked",
     "exposure",
+    "feedback_kept",
     "elapsed_seconds",
 )
 MESSAGES_DIR = "received"

@@ -36,10 +36,11 @@ from fedqsn_flwr.app.training import (
     pick_device,
     train,
 )
-from fedqsn_flwr.core.feedback import GradientFn
+from fedqsn_flwr.core.feedback import GradientFn, LossFn
 from fedqsn_flwr.core.masking import format_description, policy_for_model
 from fedqsn_flwr.core.secret import (
     SecretError,
+    explicit_secret,
     resolve_secret,
     secret_rng,
     secret_torch_generator,
@@ -185,24 +186,35 @@ def _pretrained_path(config: Mapping[str, Any], secret: bytes) -> Path | None:
     return output_root(config) / ".pretrained" / f"{digest}.pt"
 
 
-def feedback_gradient_fn(
+def feedback_fns(
     config: Mapping[str, Any], model: nn.Module, data: ServerData, secret: bytes
-) -> GradientFn:
-    """The mean loss gradient on ``feedback-examples`` of the server's pretraining data."""
-    if len(data.pretrain) == 0:
+) -> tuple[GradientFn, LossFn]:
+    """Hidden-unit feedback's two uses of the server's pretraining data.
+
+    The mean loss gradient on ``feedback-examples`` of its rows, and the mean
+    loss on as many *other* rows (held out from the gradient: a step is kept only
+    if it does not raise their loss). Both samples are drawn from the secret;
+    with fewer than twice ``feedback-examples`` rows, each takes half.
+    """
+    if len(data.pretrain) < 2:
         raise ConfigError(
-            "config key 'hidden-feedback' needs data of the server's own, and this run has no "
-            "pretraining set (pretrain-fraction = 0 or a partition loader without server data)"
+            "config key 'hidden-feedback' needs data of the server's own, and this run has "
+            f"{len(data.pretrain)} pretraining rows (at least 2: one for the gradient, one "
+            "held out; pretrain-fraction = 0 or a partition loader without server data?)"
         )
-    count = min(config["feedback-examples"], len(data.pretrain))
+    count = min(config["feedback-examples"], len(data.pretrain) // 2)
     rows = secret_rng(secret, "feedback").permutation(len(data.pretrain))
     sample = data.pretrain.subset(np.sort(rows[:count]))
+    held_out = data.pretrain.subset(np.sort(rows[count : 2 * count]))
     scratch = copy.deepcopy(model)
 
     def gradient(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return loss_gradient(scratch, state, sample)
 
-    return gradient
+    def loss(state: Mapping[str, torch.Tensor]) -> float:
+        return evaluate_state(scratch, state, held_out)[0]
+
+    return gradient, loss
 
 
 def build_strategy(
@@ -211,15 +223,17 @@ def build_strategy(
     proxy_evaluate_fn: StateEvaluateFn | None,
     message_sink: MessageSink | None = None,
     server_secret: bytes | None = None,
-    gradient_fn: GradientFn | None = None,
+    feedback: tuple[GradientFn, LossFn] | None = None,
 ) -> MeasuredFedAvg:
     """The strategy named by ``config['strategy']``.
 
     ``fedqsn``: masks and quantization; ``fedsn``: masks, float32 proxies;
     ``fedq``: the whole model quantized, no masks (FedLPP-style, without LoRA);
     ``fedavg``: Flower's FedAvg; ``fedprox``: FedAvg on the server, FedProx's
-    proximal term (``proximal-mu``) in client training. ``server_secret``
-    (default: fresh random bytes) keys the masks; ``gradient_fn`` is needed with
+    proximal term (``proximal-mu``) in client training. ``server_secret`` keys
+    the masks; without it, the secret comes from ``FEDQSN_SERVER_SECRET`` or
+    ``server-secret-file`` as in the ServerApp (:func:`~fedqsn_flwr.core.secret.explicit_secret`),
+    else fresh random bytes. ``feedback`` (:func:`feedback_fns`) is needed with
     ``hidden-feedback``.
     """
     common: dict[str, Any] = {
@@ -240,6 +254,12 @@ def build_strategy(
         )
     if config["strategy"] in ("fedavg", "fedprox"):
         return MeasuredFedAvg(seed=config["seed"], **common)
+    if server_secret is None:
+        try:
+            given = explicit_secret(config)
+        except SecretError as err:
+            raise ConfigError(str(err)) from err
+        server_secret = given[0] if given is not None else None
     policy = policy_for_model(model, mask_input_layer=config["mask-input-layer"])
     masked = config["strategy"] in ("fedqsn", "fedsn")
     if not masked:
@@ -256,7 +276,8 @@ def build_strategy(
         privacy_metrics=True,
         server_secret=server_secret,
         hidden_feedback=config["hidden-feedback"],
-        feedback_gradient_fn=gradient_fn,
+        feedback_gradient_fn=feedback[0] if feedback else None,
+        feedback_loss_fn=feedback[1] if feedback else None,
         feedback_step=config["feedback-step"],
         **common,
     )
@@ -301,11 +322,10 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
         return {"accuracy": accuracy, "loss": loss}
 
     sink = recorder.save_received if config["save-messages"] else None
+    feedback = None
     if config["hidden-feedback"] and config["strategy"] in ("fedsn", "fedqsn"):
-        gradient_fn = feedback_gradient_fn(config, model, data, secret)
-    else:
-        gradient_fn = None
-    strategy = build_strategy(config, model, scores, sink, secret, gradient_fn)
+        feedback = feedback_fns(config, model, data, secret)
+    strategy = build_strategy(config, model, scores, sink, secret, feedback)
     if isinstance(strategy, FedQSN):
         described = strategy.policy.describe(model.state_dict())
         log(INFO, "What travels how (the mask policy):\n%s", format_description(described))

@@ -8,7 +8,7 @@ positions of its proxy (zero there; computing it needs no hidden value, see
 estimate of the full model's gradient (measured: cosine 0.05), so the server
 corrects it with a control variate from its own data D_s:
 
-    direction = mean_c w_c (g_c - g_p,c) / sum_c w_c  +  g_full
+    direction = mean_c (clip(g_c) - g_p,c)  +  g_full
 
 where g_c is client c's gradient on its data at its proxy, g_p,c the gradient of
 the *same proxy* on D_s, and g_full the full global model's gradient on D_s, all
@@ -16,17 +16,29 @@ restricted to server-hidden units. The server steps its hidden units by
 ``-step * direction`` with ``step`` = the clients' learning rate x local steps x
 ``feedback-step``. Nothing a client receives changes: hidden units stay hidden.
 
-It needs data of the server's own (a sample of its pretraining data, not data
+It needs data of the server's own (samples of its pretraining data, not data
 like the clients'); without any, it is refused.
 
-A client's g_c is clipped to ``clip`` times the norm of its g_p,c, so one
-malicious reply can move hidden units only as far as an honest gradient of the
-size the server itself computes.
+No reply outweighs another: a client's g_c is clipped to ``clip`` times the
+norm of its g_p,c and every reply counts the same (a claimed number of
+examples would let one client set the direction), and the local steps come
+from the low median of the claims (one claim among three or more cannot move
+it beyond the honest ones). So one malicious reply moves hidden units only as
+far as an honest one whose gradient is as large as the clip allows.
+
+A step of learning rate x local steps along one gradient can overshoot where
+the clients' many small steps do not (measured on digits at p1 = 0.7: hidden
+units moved by 42% of their norm in round 1, the full-model gradient then grew
+from 0.03 to 593 and the global model fell from 0.94 to 0.08 accuracy). So the
+server keeps a step only if it does not raise the loss on *held-out* data of
+its own (not the gradient sample), halving it up to :data:`HALVINGS` times and
+otherwise dropping it (:func:`guarded_feedback`).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +49,10 @@ from fedqsn_flwr.core.masking import MaskPolicy, UnitMask
 #: Called with a model state; returns the mean loss gradient of every parameter
 #: on the server's own data (state-dict names).
 GradientFn = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+#: Called with a model state; returns its mean loss on held-out server data.
+LossFn = Callable[[Mapping[str, torch.Tensor]], float]
+#: How often a feedback step that raises the held-out loss is halved before it is dropped.
+HALVINGS = 5
 
 
 @dataclass(frozen=True)
@@ -49,14 +65,11 @@ class ClientFeedback:
         g_c: the client's gradient, slices of the server-hidden units.
     reference : Mapping[str, torch.Tensor]
         g_p,c: the server's gradient of the same proxy on its data, same slices.
-    weight : float
-        The client's number of training examples.
 
     """
 
     gradient: Mapping[str, torch.Tensor]
     reference: Mapping[str, torch.Tensor]
-    weight: float
 
 
 def server_hidden(policy: MaskPolicy, server_mask: UnitMask) -> dict[str, torch.Tensor]:
@@ -103,19 +116,21 @@ def feedback_direction(
     full_gradient: Mapping[str, torch.Tensor],
     clip: float = 5.0,
 ) -> dict[str, torch.Tensor]:
-    """mean_c w_c (g_c - g_p,c) + g_full per tensor (see the module docstring)."""
-    total = sum(f.weight for f in feedback)
+    """mean_c (clip(g_c) - g_p,c) + g_full per tensor, every reply weighted the same."""
     out = {name: g.to(torch.float64).clone() for name, g in full_gradient.items()}
-    if total <= 0:
-        return {name: g.to(torch.float32) for name, g in out.items()}
     for item in feedback:
         bound = clip * _norm(item.reference)
         norm = _norm(item.gradient)
         factor = min(1.0, bound / norm) if norm > 0 else 1.0
         for name in out:
             diff = item.gradient[name].double() * factor - item.reference[name].double()
-            out[name] += diff * (item.weight / total)
+            out[name] += diff / len(feedback)
     return {name: g.to(torch.float32) for name, g in out.items()}
+
+
+def local_steps(claims: Sequence[float], epochs: int, batch_size: int) -> int:
+    """Local steps of a client with the low median of the claimed example counts."""
+    return epochs * math.ceil(statistics.median_low(claims) / batch_size)
 
 
 def apply_feedback(
@@ -133,3 +148,30 @@ def apply_feedback(
         tensor.index_add_(policy.unit_axes[name], units, values.to(tensor) * -step)
         out[name] = tensor
     return out
+
+
+def guarded_feedback(
+    state: Mapping[str, torch.Tensor],
+    policy: MaskPolicy,
+    hidden: Mapping[str, torch.Tensor],
+    direction: Mapping[str, torch.Tensor],
+    step: float,
+    loss_fn: LossFn,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """:func:`apply_feedback` with the largest step that keeps the held-out loss.
+
+    Tries ``step``, ``step / 2``, ... (:data:`HALVINGS` halvings) and keeps the
+    first that does not raise ``loss_fn`` above its value at ``state``. Returns
+    the new state and the fraction of ``step`` kept (0: ``state`` itself, when
+    no step helped or the held-out loss is not finite).
+    """
+    before = loss_fn(state)
+    if not math.isfinite(before):
+        return dict(state), 0.0
+    fraction = 1.0
+    for _ in range(HALVINGS + 1):
+        stepped = apply_feedback(state, policy, hidden, direction, step * fraction)
+        if loss_fn(stepped) <= before:
+            return stepped, fraction
+        fraction /= 2
+    return dict(state), 0.0

@@ -240,6 +240,21 @@ def store_secret(run_dir: Path, secret: bytes) -> None:
     os.replace(tmp, file)
 
 
+def explicit_secret(
+    config: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> tuple[bytes, str] | None:
+    """The secret given by ``FEDQSN_SERVER_SECRET`` or ``server-secret-file``, and which.
+
+    None when neither is set (sources 1 and 2 of the module docstring).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(SECRET_ENV):
+        return from_text(environ[SECRET_ENV]), f"environment variable {SECRET_ENV}"
+    if config.get("server-secret-file"):
+        return read_secret_file(config["server-secret-file"]), "server-secret-file"
+    return None
+
+
 def resolve_secret(
     config: Mapping[str, Any],
     run_dir: Path,
@@ -251,12 +266,7 @@ def resolve_secret(
     A resumed run keeps the secret it started with; an explicit secret that
     differs from it is refused rather than silently mixing two.
     """
-    environ = os.environ if environ is None else environ
-    explicit: tuple[bytes, str] | None = None
-    if environ.get(SECRET_ENV):
-        explicit = from_text(environ[SECRET_ENV]), f"environment variable {SECRET_ENV}"
-    elif config.get("server-secret-file"):
-        explicit = read_secret_file(config["server-secret-file"]), "server-secret-file"
+    explicit = explicit_secret(config, environ)
     stored = _stored(run_dir) if resuming else None
     if stored is not None:
         if explicit is not None and explicit[0] != stored:

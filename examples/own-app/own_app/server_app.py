@@ -3,7 +3,7 @@
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedqsn_flwr import FedQSN, policy_for_model
+from fedqsn_flwr import FedQSN, init_from_secret, new_secret, policy_for_model
 from own_app.task import Net, load_data, test
 
 app = ServerApp()
@@ -12,11 +12,14 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedQSN from a random start; print the global model's accuracy each round."""
-    model = Net()
+    secret = new_secret()  # 32 random bytes no client sees; keep them to reproduce a run
+    # Net() alone takes torch's 32-bit process seed, which a client could search
+    model = init_from_secret(Net(), secret)
     strategy = FedQSN(
         policy_for_model(model),  # which tensors are masked, along which axis
         server_mask_ratio=context.run_config["server-mask-ratio"],  # p1
         client_mask_ratio=context.run_config["client-mask-ratio"],  # p2
+        server_secret=secret,  # the server mask and every client mask derive from it
     )
     x, y = load_data()  # the server's own test set
 

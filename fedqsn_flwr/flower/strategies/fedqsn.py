@@ -16,9 +16,11 @@ from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
 from fedqsn_flwr.core.feedback import (
     ClientFeedback,
     GradientFn,
-    apply_feedback,
+    LossFn,
     feedback_direction,
+    guarded_feedback,
     hidden_slices,
+    local_steps,
     select_units,
     server_hidden,
 )
@@ -111,10 +113,16 @@ class FedQSN(MeasuredFedAvg):
     hidden_feedback : bool (default: False)
         Step the server-hidden units with the clients' gradients at the hidden
         positions and a control variate from the server's own data
-        (:mod:`fedqsn_flwr.core.feedback`); needs ``feedback_gradient_fn`` and a
-        train config with ``learning-rate``, ``local-epochs`` and ``batch-size``.
+        (:mod:`fedqsn_flwr.core.feedback`); needs ``feedback_gradient_fn``,
+        ``feedback_loss_fn`` and a train config with ``learning-rate``,
+        ``local-epochs`` and ``batch-size``.
     feedback_gradient_fn : GradientFn, optional
         Mean loss gradient of a model state on the server's own data.
+    feedback_loss_fn : LossFn, optional
+        Mean loss of a model state on *other*, held-out data of the server's: a
+        feedback step is kept only if it does not raise it (halved up to
+        :data:`~fedqsn_flwr.core.feedback.HALVINGS` times, else dropped; the
+        kept fraction is ``round_log[r]["feedback_kept"]``).
     feedback_step : float (default: 1.0)
         Step on hidden units in units of learning rate x local steps.
     feedback_clip : float (default: 5.0)
@@ -152,6 +160,7 @@ class FedQSN(MeasuredFedAvg):
         server_secret: bytes | None = None,
         hidden_feedback: bool = False,
         feedback_gradient_fn: GradientFn | None = None,
+        feedback_loss_fn: LossFn | None = None,
         feedback_step: float = 1.0,
         feedback_clip: float = 5.0,
         **options: Any,
@@ -185,10 +194,11 @@ class FedQSN(MeasuredFedAvg):
         self.client_mask_ratio = client_mask_ratio
         self.bit_width = bit_width
         self.block_size = block_size
-        if hidden_feedback and feedback_gradient_fn is None:
+        if hidden_feedback and (feedback_gradient_fn is None or feedback_loss_fn is None):
             raise ValueError(
                 "hidden_feedback needs data of the server's own: pass feedback_gradient_fn "
-                "(the mean loss gradient of a state on that data)"
+                "(the mean loss gradient of a state on that data) and feedback_loss_fn (the "
+                "mean loss of a state on held-out data of the server's, which guards each step)"
             )
         if hidden_feedback and (not policy.unit_axes or server_mask_ratio == 0.0):
             raise ValueError("hidden_feedback needs a server mask (masked tensors and p1 > 0)")
@@ -198,13 +208,14 @@ class FedQSN(MeasuredFedAvg):
         )
         self.hidden_feedback = hidden_feedback
         self.feedback_gradient_fn = feedback_gradient_fn
+        self.feedback_loss_fn = feedback_loss_fn
         self.feedback_step = feedback_step
         self.feedback_clip = feedback_clip
         self._server_hidden = server_hidden(policy, self.server_mask)
         self._references: dict[int, dict[str, torch.Tensor]] = {}
         self._feedback: dict[int, ClientFeedback] = {}
         self._full_gradient: dict[str, torch.Tensor] = {}
-        self._local_steps: Callable[[float], float] | None = None
+        self._local_steps: Callable[[list[float]], int] | None = None
         self._learning_rate = 0.0
         self._global: dict[str, torch.Tensor] = {}
         self._sent: dict[int, ProxySpec] = {}
@@ -350,7 +361,7 @@ class FedQSN(MeasuredFedAvg):
             )
         epochs, batch = int(config["local-epochs"]), max(1, int(config["batch-size"]))
         self._learning_rate = float(config["learning-rate"])
-        self._local_steps = lambda examples: epochs * math.ceil(examples / batch)
+        self._local_steps = lambda claims: local_steps(claims, epochs, batch)
         assert self.feedback_gradient_fn is not None
         gradient = self.feedback_gradient_fn(self._global)
         self._full_gradient = hidden_slices(gradient, self.policy, self._server_hidden)
@@ -365,7 +376,7 @@ class FedQSN(MeasuredFedAvg):
         return hidden_slices(gradient, self.policy, self._server_hidden)
 
     def _client_feedback(
-        self, node_id: int, content: RecordDict, spec: ProxySpec, weight: float
+        self, node_id: int, content: RecordDict, spec: ProxySpec
     ) -> ClientFeedback:
         """Validate a reply's feedback; its slices at the server-hidden units."""
         if FEEDBACK_RECORD not in content.array_records:
@@ -377,20 +388,38 @@ class FedQSN(MeasuredFedAvg):
                 continue
             among = hidden_units(self.policy.unit_counts[name], spec.visible[name])
             gradient[name] = select_units(hidden[name], self.policy.unit_axes[name], among, units)
-        return ClientFeedback(gradient, self._references[node_id], weight)
+        return ClientFeedback(gradient, self._references[node_id])
 
     def _with_feedback(
-        self, state: dict[str, torch.Tensor], accepted: list[tuple[Message, ClientUpdate]]
+        self,
+        server_round: int,
+        state: dict[str, torch.Tensor],
+        accepted: list[tuple[Message, ClientUpdate]],
     ) -> dict[str, torch.Tensor]:
-        """``state`` with its server-hidden units stepped by the round's feedback."""
+        """``state`` with its server-hidden units stepped by the round's feedback.
+
+        Every reply counts the same and the step follows the low median of the
+        claimed example counts: no claim buys a reply more weight or a longer step.
+        """
         feedback = [self._feedback[m.metadata.src_node_id] for m, _ in accepted]
         if not feedback or self._local_steps is None:
             return state
-        total = sum(f.weight for f in feedback)
-        steps = sum(self._local_steps(f.weight) * f.weight for f in feedback) / total
+        steps = self._local_steps([u.weight for _, u in accepted])
         direction = feedback_direction(feedback, self._full_gradient, self.feedback_clip)
         step = self.feedback_step * self._learning_rate * steps
-        return apply_feedback(state, self.policy, self._server_hidden, direction, step)
+        assert self.feedback_loss_fn is not None
+        state, kept = guarded_feedback(
+            state, self.policy, self._server_hidden, direction, step, self.feedback_loss_fn
+        )
+        self._log_round(server_round, feedback_kept=kept)
+        if kept < 1.0:
+            log(
+                INFO,
+                "Round %d: hidden-unit feedback step %s (it raised the held-out server loss)",
+                server_round,
+                f"cut to {kept:g} of its size" if kept else "dropped",
+            )
+        return state
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Adds a digest of the server secret and, with privacy metrics, the exposure.
@@ -501,7 +530,7 @@ class FedQSN(MeasuredFedAvg):
         weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
         update, norm = checked_update(content.array_records[UPDATE_RECORD], spec, self.policy)
         if self.hidden_feedback:
-            self._feedback[node_id] = self._client_feedback(node_id, content, spec, float(weight))
+            self._feedback[node_id] = self._client_feedback(node_id, content, spec)
         return replace(update, weight=weight), norm
 
     def _aggregate_on_device(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
@@ -536,7 +565,7 @@ class FedQSN(MeasuredFedAvg):
             return None, None
         state = self._aggregate_on_device(updates)
         if self.hidden_feedback:
-            state = self._with_feedback(state, accepted)
+            state = self._with_feedback(server_round, state, accepted)
         if not all(bool(t.isfinite().all()) for t in state.values() if t.is_floating_point()):
             self._unchanged(server_round)
             return None, None
