@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, MessageType
 from fedqsn_flwr.app.config import validate
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.server import build_strategy, train_config
-from fedqsn_flwr.app.sources import DataKey
+from fedqsn_flwr.app.sources import DataKey, generate_mnist1d
 from fedqsn_flwr.app.splits import Split, input_spec, load_client_data, load_server_data
 from fedqsn_flwr.app.training import evaluate
 from fedqsn_flwr.core.masking import policy_for_model
@@ -189,6 +189,34 @@ def test_knowledge_leakage_and_the_data_only_reference():
     assert set(reference["tried"]) == {"mlp512", "cnn1d"}  # the run's model and a small CNN
     assert reference["accuracy"] == max(reference["tried"].values())
     assert reference["model"] in reference["tried"]
+
+
+def _mnist1d_split(raw):
+    return Split(raw.train_x, raw.train_y)
+
+
+def test_on_mnist1d_the_data_only_reference_includes_the_public_generator():
+    """The server's MNIST-1D data comes from a generator every client can run."""
+    spec = input_spec(DataKey("mnist1d"))
+    test = _mnist1d_split(generate_mnist1d(300, 5, 1.25))
+    pooled = _mnist1d_split(generate_mnist1d(60, 6, 1.25))
+    config = {
+        "dataset": "mnist1d",
+        "model": "mlp512",
+        "dropout": 0.0,
+        "seed": 1,
+        "pretrain-epochs": 3,
+        "mnist1d-server-examples": 2000,
+        "learning-rate": 0.05,
+        "batch-size": 32,
+    }
+    reference = data_only_reference(config, spec, pooled, test, 1, [0.01])
+    tried = reference["tried"]
+    assert set(tried) == {"mlp512", "cnn1d", "public-generator+mlp512", "public-generator"}
+    # pretrained on public signals it beats the same MLP trained on 60 examples alone
+    assert tried["public-generator"] > tried["mlp512"] + 0.1
+    assert tried["public-generator+mlp512"] >= tried["public-generator"]
+    assert reference["accuracy"] == max(tried.values())
 
 
 def test_attack_needs_saved_messages(tmp_path, capsys):
