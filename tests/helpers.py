@@ -9,7 +9,8 @@ from flwr.app import ArrayRecord
 
 from fedqsn_flwr.app.config import validate
 from fedqsn_flwr.app.models import build_model
-from fedqsn_flwr.app.server import build_strategy, train_config
+from fedqsn_flwr.app.server import build_strategy, partition_config, server_data, train_config
+from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data, partition_rows
 from fedqsn_flwr.core.secret import from_text
 from fedqsn_flwr.experiments.inprocess import InProcessGrid as LocalGrid
 from fedqsn_flwr.experiments.inprocess import Tamper
@@ -17,7 +18,32 @@ from fedqsn_flwr.experiments.inprocess import Tamper
 #: The server secret of every test federation (reproducible masks, like a research run).
 TEST_SECRET = from_text("tests")
 
-__all__ = ["TEST_SECRET", "LocalGrid", "Tamper", "run_local"]
+__all__ = ["TEST_SECRET", "LocalGrid", "Tamper", "client_split", "rows_for", "run_local"]
+
+
+def rows_for(config: dict[str, Any], secret: bytes = TEST_SECRET) -> Any:
+    """A strategy's ``node_config_fn`` sending each client its rows, as the app's does."""
+    return partition_config(config, server_data(config, secret), secret)
+
+
+def client_split(
+    dataset: Any,
+    seed: int,
+    test_fraction: float,
+    pretrain_fraction: float,
+    partition: int,
+    num_partitions: int,
+    partitioning: str = "iid",
+    alpha: float = 0.5,
+    secret: bytes = TEST_SECRET,
+) -> tuple[Split, Split]:
+    """A client's (train, local evaluation) splits, with the rows its server would send."""
+    data = load_server_data(dataset, seed, test_fraction, pretrain_fraction, secret)
+    rows = None
+    if data.pool_rows is not None:
+        cut = partition_rows(data, secret, seed, num_partitions, partitioning, alpha)
+        rows = tuple(cut[partition].tolist())
+    return load_client_data(dataset, seed, partition, num_partitions, partitioning, alpha, rows)
 
 
 def run_local(base_config: dict[str, Any], rounds: int = 2, **overrides: Any) -> tuple:

@@ -10,7 +10,7 @@ from fedqsn_flwr.app.config import validate
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.server import build_strategy, train_config
 from fedqsn_flwr.app.sources import DataKey, generate_mnist1d
-from fedqsn_flwr.app.splits import Split, input_spec, load_client_data, load_server_data
+from fedqsn_flwr.app.splits import Split, input_spec, load_server_data
 from fedqsn_flwr.app.training import evaluate
 from fedqsn_flwr.core.masking import policy_for_model
 from fedqsn_flwr.experiments.attack import (
@@ -24,7 +24,7 @@ from fedqsn_flwr.experiments.attack import (
 from fedqsn_flwr.flower.privacy import hidden_units
 from fedqsn_flwr.flower.proxy import received_model
 from fedqsn_flwr.flower.strategies import FedQSN
-from tests.helpers import TEST_SECRET, LocalGrid
+from tests.helpers import TEST_SECRET, LocalGrid, client_split
 
 MARK = 1.0e4
 
@@ -111,7 +111,7 @@ def test_finetuning_attack_improves_on_the_proxy_as_is(base_config):
     strategy, grid, _, _ = _federation(base_config, rounds=1, p1=0.5, p2=0.5, plant=False)
     proxy = _received(grid)[(1, MessageType.TRAIN, 0)]
     test = load_server_data("digits", base_config["seed"], 0.2, 0.1, TEST_SECRET).test
-    own = load_client_data("digits", base_config["seed"], 0.2, 0.1, 0, 3, "iid", 0.5)[0]
+    own = client_split("digits", base_config["seed"], 0.2, 0.1, 0, 3)[0]
     model = build_model("cnn")
     model.load_state_dict(proxy.state)
     as_is = evaluate(model, test)[1]

@@ -53,15 +53,15 @@ def test_server_data_comes_from_the_secret_and_the_pool_from_the_seed():
     assert not torch.equal(a.pretrain.x, b.pretrain.x)
     assert not torch.equal(a.test.x, b.test.x)
     assert input_spec(key) == a.spec
-    pool = load_pool(key, 1, 0.2, 0.1, 4 * key.mnist1d_client_examples)
+    pool = load_pool(key, 1, 4 * key.mnist1d_client_examples)
     assert len(pool) == 4 * 125
-    parts = [load_client_data(key, 1, 0.2, 0.1, p, 4, "iid", 0.5) for p in range(4)]
+    parts = [load_client_data(key, 1, p, 4, "iid", 0.5) for p in range(4)]
     assert [len(train) for train, _ in parts] == [100] * 4
     assert [len(local) for _, local in parts] == [25] * 4
     together = torch.cat([torch.cat([t.x, e.x]) for t, e in parts]).flatten(1)
     assert torch.equal(together.sort(0).values, pool.x.flatten(1).sort(0).values)
     # another seed, another pool
-    assert not torch.equal(load_pool(key, 2, 0.2, 0.1, 500).x, pool.x)
+    assert not torch.equal(load_pool(key, 2, 500).x, pool.x)
 
 
 def test_mnist1d_models_and_their_masks():

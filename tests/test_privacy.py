@@ -17,7 +17,7 @@ from fedqsn_flwr.flower.proxy import (
     message_units,
 )
 from fedqsn_flwr.flower.strategies import FedQSN, message_bytes
-from tests.helpers import TEST_SECRET, LocalGrid
+from tests.helpers import TEST_SECRET, LocalGrid, rows_for
 
 MARK = 1.0e4  # hidden weights are planted far outside the visible range
 
@@ -115,6 +115,7 @@ def test_hidden_units_of_the_global_model_never_move(base_config):
         fraction_evaluate=0.0,
         min_train_nodes=3,
         min_available_nodes=3,
+        node_config_fn=rows_for(base_config),
     )
     start = {k: v.clone() for k, v in model.state_dict().items()}
     result = strategy.start(LocalGrid(3, base_config), ArrayRecord(start), num_rounds=2)

@@ -16,7 +16,7 @@ from fedqsn_flwr.flower.protocol import (
     METRICS_RECORD,
     UPDATE_RECORD,
 )
-from tests.helpers import TEST_SECRET, LocalGrid
+from tests.helpers import TEST_SECRET, LocalGrid, rows_for
 
 
 def _strategy(base_config, name="fedqsn", nodes=3, **extra):
@@ -296,6 +296,7 @@ def test_absurd_example_counts_are_refused_by_the_default_bound(base_config):
         server_secret=TEST_SECRET,
         min_train_nodes=3,
         min_available_nodes=3,
+        node_config_fn=rows_for(config),
     )
     grid = LocalGrid(3, config)
     messages = list(strategy.configure_train(1, ArrayRecord(state), train_config(config), grid))

@@ -3,6 +3,7 @@
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -12,7 +13,7 @@ from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.results import load_saved_messages
 from fedqsn_flwr.app.server import build_strategy
 from fedqsn_flwr.app.sources import DataKey
-from fedqsn_flwr.app.splits import load_pool, load_server_data
+from fedqsn_flwr.app.splits import load_pool, load_server_data, partition_rows
 from fedqsn_flwr.core.masking import draw_server_mask, policy_for_model
 from fedqsn_flwr.core.secret import (
     SECRET_ENV,
@@ -143,18 +144,21 @@ def test_server_mask_comes_from_the_secret_not_the_seed():
     )
 
 
-def test_split_of_the_servers_rows_is_secret_but_the_pool_is_public():
+def test_the_servers_rows_come_from_the_secret_and_clients_get_only_theirs():
     key = DataKey("digits")
     a = load_server_data(key, 5, 0.2, 0.1, from_text("a"))
     b = load_server_data(key, 5, 0.2, 0.1, from_text("b"))
-    assert torch.equal(a.pool.x, b.pool.x)
-    assert torch.equal(load_pool(key, 5, 0.2, 0.1).x, a.pool.x)
     assert len(a.test) == len(b.test) and len(a.pretrain) == len(b.pretrain)
-    assert not torch.equal(a.pretrain.x, b.pretrain.x)
-    server_rows = torch.cat([a.test.x, a.pretrain.x]).flatten(1)
-    other_rows = torch.cat([b.test.x, b.pretrain.x]).flatten(1)
-    # the same rows, divided otherwise
-    assert torch.equal(server_rows.sort(0).values, other_rows.sort(0).values)
+    # another secret, other server rows (and so another pool), under the same public seed
+    server_a = set(range(1797)) - set(a.pool_rows.tolist())
+    server_b = set(range(1797)) - set(b.pool_rows.tolist())
+    assert len(server_a) == len(server_b) == len(a.test) + len(a.pretrain)
+    assert len(server_a & server_b) < 0.5 * len(server_a)  # about 28% by chance
+    # and nothing a client can compute gives the pool: it must be told its rows
+    with pytest.raises(ValueError, match="no public pool"):
+        load_pool(key, 5, 0)
+    cut = partition_rows(a, from_text("a"), 5, 4, "iid", 0.5)
+    assert sorted(np.concatenate(cut).tolist()) == sorted(a.pool_rows.tolist())
 
 
 def test_hidden_feedback_is_refused_without_a_server_mask():

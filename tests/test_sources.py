@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 from fedqsn_flwr.app import sources as datasets
 from fedqsn_flwr.app.sources import DataError, DataKey, load_raw, tokenize
 from fedqsn_flwr.app.splits import input_spec, load_client_data, load_server_data
-from tests.helpers import TEST_SECRET
+from tests.helpers import TEST_SECRET, client_split
 
 
 def _idx(path, array, code):
@@ -190,7 +190,7 @@ def test_own_test_split_becomes_the_server_test_set_and_images_are_standardized(
     batch = server.pool.inputs(slice(0, 30))
     assert batch.dtype == torch.float32 and abs(float(batch.mean())) < 0.2
     assert abs(float(batch.std()) - 1) < 0.2
-    train, evaluation = load_client_data(key, 0, 0.2, 0.25, 1, 3, "iid", 0.5)
+    train, evaluation = client_split(key, 0, 0.2, 0.25, 1, 3)
     assert len(train) + len(evaluation) == 10 and train.x.dtype == torch.uint8
     assert input_spec(key).shape == (1, 28, 28)
 
@@ -233,7 +233,7 @@ def test_a_users_partition_loader_gives_each_client_its_own_data(
     server = load_server_data(key, 0, 0.2, 0.1, TEST_SECRET)
     assert len(server.test) == 20 and len(server.pretrain) == 40 and len(server.pool) == 0
     for partition in range(3):
-        train, evaluation = load_client_data(key, 0, 0.2, 0.1, partition, 3, "iid", 0.5)
+        train, evaluation = load_client_data(key, 0, partition, 3, "iid", 0.5)
         assert len(train) + len(evaluation) == 10 + 5 * partition
         assert train.y.eq(partition).all() and train.x.eq(float(partition)).all()
     # and a federation runs on it

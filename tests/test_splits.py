@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fedqsn_flwr.app.splits import load_client_data, load_server_data
-from tests.helpers import TEST_SECRET
+from fedqsn_flwr.core.secret import from_text
+from tests.helpers import TEST_SECRET, client_split
 
 
 def test_server_splits_are_disjoint_and_cover_the_digits():
@@ -16,11 +17,14 @@ def test_server_splits_are_disjoint_and_cover_the_digits():
 
     labels = torch.cat([data.test.y, data.pretrain.y, data.pool.y])
     assert torch.equal(torch.bincount(labels), torch.bincount(torch.tensor(load_digits().target)))
-    assert not torch.equal(data.test.y, load_server_data("digits", 2, 0.2, 0.2, TEST_SECRET).test.y)
+    # the server's rows come from the secret, not the public seed
+    assert torch.equal(data.test.x, load_server_data("digits", 2, 0.2, 0.2, TEST_SECRET).test.x)
+    other = load_server_data("digits", 1, 0.2, 0.2, from_text("another"))
+    assert not torch.equal(data.test.x, other.test.x)
 
 
 def _partitions(partitioning, alpha=0.5, seed=1, n=5):
-    return [load_client_data("digits", seed, 0.2, 0.2, i, n, partitioning, alpha) for i in range(n)]
+    return [client_split("digits", seed, 0.2, 0.2, i, n, partitioning, alpha) for i in range(n)]
 
 
 @pytest.mark.parametrize("partitioning", ["iid", "dirichlet"])
@@ -45,4 +49,14 @@ def test_dirichlet_is_non_iid_and_iid_is_balanced():
 
 def test_partition_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="out of range"):
-        load_client_data("digits", 1, 0.2, 0.2, 5, 5, "iid", 0.5)
+        load_client_data("digits", 1, 5, 5, "iid", 0.5)
+
+
+def test_a_client_needs_valid_rows_from_its_server():
+    with pytest.raises(ValueError, match="partition-rows"):
+        load_client_data("digits", 1, 0, 5, "iid", 0.5)  # no rows sent
+    for rows in ((), (0, 0, 1), (-1, 2), (0, 1797)):
+        with pytest.raises(ValueError, match="partition-rows"):
+            load_client_data("digits", 1, 0, 5, "iid", 0.5, rows)
+    train, local = load_client_data("digits", 1, 0, 5, "iid", 0.5, tuple(range(10)))
+    assert len(train) + len(local) == 10

@@ -23,10 +23,10 @@ from fedqsn_flwr.flower.proxy import (
     proxy_norm,
 )
 from fedqsn_flwr.flower.strategies import FedQSN
-from tests.helpers import TEST_SECRET, LocalGrid
+from tests.helpers import TEST_SECRET, LocalGrid, rows_for
 
 
-def _strategy(num_nodes, seed=3, secret=TEST_SECRET):
+def _strategy(num_nodes, config, seed=3, secret=TEST_SECRET):
     torch.manual_seed(0)
     model = build_model("cnn")
     strategy = FedQSN(
@@ -40,6 +40,7 @@ def _strategy(num_nodes, seed=3, secret=TEST_SECRET):
         fraction_evaluate=0.0,
         min_train_nodes=num_nodes,
         min_available_nodes=num_nodes,
+        node_config_fn=rows_for(config, secret),
     )
     return strategy, model.state_dict()
 
@@ -88,7 +89,7 @@ def _expected(strategy, state, grid, replies, valid_partitions):
 
 
 def test_bad_and_failed_replies_are_skipped_and_the_rest_aggregated_exactly(base_config, caplog):
-    strategy, state = _strategy(4)
+    strategy, state = _strategy(4, base_config)
     failing = lambda reply: Message(Error(code=0, reason="client crashed"), reply_to=_origin(reply))  # noqa: E731
     grid = LocalGrid(4, base_config, tamper={1: _nan_update, 2: failing})
     replies = _round_replies(strategy, state, grid)
@@ -108,7 +109,7 @@ def test_bad_and_failed_replies_are_skipped_and_the_rest_aggregated_exactly(base
 
 
 def test_a_round_with_no_valid_reply_leaves_the_global_model_unchanged(base_config):
-    strategy, state = _strategy(2)
+    strategy, state = _strategy(2, base_config)
     grid = LocalGrid(2, base_config)
     messages = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), grid))
     errors = [Message(Error(code=0, reason="down"), reply_to=m) for m in messages]
@@ -120,7 +121,7 @@ def test_a_round_with_no_valid_reply_leaves_the_global_model_unchanged(base_conf
 def test_same_seed_and_secret_give_the_same_federation(base_config):
     finals = []
     for secret in (b"a" * 32, b"a" * 32, b"b" * 32):
-        strategy, state = _strategy(3, secret=secret)
+        strategy, state = _strategy(3, base_config, secret=secret)
         result = strategy.start(LocalGrid(3, base_config), ArrayRecord(state), num_rounds=2)
         finals.append(result.arrays.to_torch_state_dict())
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
@@ -170,6 +171,7 @@ def test_absurd_num_examples_and_outlier_norms_are_rejected(base_config, caplog)
         min_available_nodes=5,
         max_num_examples=10_000,
         max_update_norm_ratio=5.0,
+        node_config_fn=rows_for(base_config),
     )
     state = model.state_dict()
     grid = LocalGrid(
@@ -215,7 +217,7 @@ _TAMPERED_BY = {}
 
 def test_update_norm_bound_does_not_depend_on_hidden_values(base_config, caplog):
     """Colluders who probe with chosen update norms learn nothing about hidden weights."""
-    strategy, state = _strategy(2)
+    strategy, state = _strategy(2, base_config)
     hidden = server_hidden(strategy.policy, strategy.server_mask)
     # the same model with its server-hidden units 30 times larger: a global-norm bound
     # would accept more under it, and acceptance would tell the client so
@@ -231,7 +233,7 @@ def test_update_norm_bound_does_not_depend_on_hidden_values(base_config, caplog)
     decisions = {}
     for name, global_state in (("state", state), ("inflated", inflated)):
         for factor in (0.99, 1.01):
-            strategy, _ = _strategy(2)
+            strategy, _ = _strategy(2, base_config)
             grid = LocalGrid(2, base_config)
             messages = list(
                 strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), grid)

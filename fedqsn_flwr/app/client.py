@@ -20,6 +20,7 @@ from fedqsn_flwr.flower.protocol import (
     NUM_EXAMPLES_KEY,
     NUM_PARTITIONS_KEY,
     PARTITION_ID_KEY,
+    PARTITION_ROWS_KEY,
     SERVER_ROUND_KEY,
     TRAIN_LOSS_KEY,
 )
@@ -47,18 +48,26 @@ def partition_of(context: Context) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
-def client_data(config: Mapping[str, Any], context: Context) -> tuple[Split, Split]:
-    """This node's (local train, local evaluation) splits."""
+def client_data(
+    config: Mapping[str, Any], context: Context, settings: Mapping[str, Any]
+) -> tuple[Split, Split]:
+    """This node's (local train, local evaluation) splits.
+
+    ``settings``: the message's config, which holds this partition's rows when
+    the server cut the data set (:data:`PARTITION_ROWS_KEY`).
+    """
     partition_id, num_partitions = partition_of(context)
+    rows = settings.get(PARTITION_ROWS_KEY)
+    if rows is not None and not isinstance(rows, list):
+        raise ValueError(f"'{PARTITION_ROWS_KEY}' must be a list of row numbers")
     return load_client_data(
         data_key(config),
         config["seed"],
-        config["test-fraction"],
-        config["pretrain-fraction"],
         partition_id,
         num_partitions,
         config["partitioning"],
         config["dirichlet-alpha"],
+        tuple(int(r) for r in rows) if rows is not None else None,
     )
 
 
@@ -79,8 +88,8 @@ def handle_query(message: Message, context: Context) -> Message:
 
 def handle_train(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Train the received proxy on the local split; reply with its update."""
-    train_split, _ = client_data(config, context)
     settings = message.content["config"]
+    train_split, _ = client_data(config, context, settings)
     model = _model(config)
     # decoded straight into the model: no second dense copy of it on the client
     proxy = load_received(model, message.content)
@@ -114,7 +123,7 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
 
 def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Evaluate the received proxy on the local evaluation split."""
-    _, eval_split = client_data(config, context)
+    _, eval_split = client_data(config, context, message.content["config"])
     model = _model(config)
     load_received(model, message.content)
     torch.set_num_threads(1)  # after decoding (see handle_train)

@@ -257,7 +257,7 @@ SPEC: dict[str, Key] = {
     "seed": _integer(
         42,
         0,
-        "public seed: client pool and partitions, sampling, client training (clients see it)",
+        "public seed: sampling, client training, MNIST-1D's client pool (clients see it)",
     ),
     "server-secret-file": Key(
         "",

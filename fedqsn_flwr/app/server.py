@@ -28,7 +28,7 @@ from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.private import private_dir, save_private
 from fedqsn_flwr.app.results import RunRecorder
 from fedqsn_flwr.app.sources import data_key
-from fedqsn_flwr.app.splits import ServerData, load_server_data
+from fedqsn_flwr.app.splits import ServerData, load_server_data, partition_rows
 from fedqsn_flwr.app.training import (
     evaluate_state,
     loss_gradient,
@@ -41,13 +41,21 @@ from fedqsn_flwr.core.masking import format_description, policy_for_model
 from fedqsn_flwr.core.secret import (
     SecretError,
     explicit_secret,
+    new_secret,
     resolve_secret,
     secret_rng,
     secret_torch_generator,
     store_secret,
     torch_rng_from_secret,
 )
-from fedqsn_flwr.flower.strategies import FedQSN, MeasuredFedAvg, MessageSink, StateEvaluateFn
+from fedqsn_flwr.flower.protocol import PARTITION_ROWS_KEY
+from fedqsn_flwr.flower.strategies import (
+    FedQSN,
+    MeasuredFedAvg,
+    MessageSink,
+    NodeConfigFn,
+    StateEvaluateFn,
+)
 
 
 def server_data(config: Mapping[str, Any], secret: bytes) -> ServerData:
@@ -217,6 +225,31 @@ def feedback_fns(
     return gradient, loss
 
 
+def partition_config(config: Mapping[str, Any], data: ServerData, secret: bytes) -> NodeConfigFn:
+    """The config items that tell each client which rows of the data set it holds.
+
+    Partitions are cut once per number of partitions (as the nodes report it);
+    a partition id out of range gets nothing (its client refuses to train).
+    """
+    cuts: dict[int, list[np.ndarray]] = {}
+
+    def rows(partition_id: int, num_partitions: int) -> dict[str, list[int]]:
+        if not 0 <= partition_id < num_partitions:
+            return {}
+        if num_partitions not in cuts:
+            cuts[num_partitions] = partition_rows(
+                data,
+                secret,
+                config["seed"],
+                num_partitions,
+                config["partitioning"],
+                config["dirichlet-alpha"],
+            )
+        return {PARTITION_ROWS_KEY: cuts[num_partitions][partition_id].tolist()}
+
+    return rows
+
+
 def build_strategy(
     config: Mapping[str, Any],
     model: nn.Module,
@@ -231,10 +264,12 @@ def build_strategy(
     ``fedq``: the whole model quantized, no masks (FedLPP-style, without LoRA);
     ``fedavg``: Flower's FedAvg; ``fedprox``: FedAvg on the server, FedProx's
     proximal term (``proximal-mu``) in client training. ``server_secret`` keys
-    the masks; without it, the secret comes from ``FEDQSN_SERVER_SECRET`` or
-    ``server-secret-file`` as in the ServerApp (:func:`~fedqsn_flwr.core.secret.explicit_secret`),
-    else fresh random bytes. ``feedback`` (:func:`feedback_fns`) is needed with
-    ``hidden-feedback``.
+    the masks and the server's rows; without it, the secret comes from
+    ``FEDQSN_SERVER_SECRET`` or ``server-secret-file`` as in the ServerApp
+    (:func:`~fedqsn_flwr.core.secret.explicit_secret`), else fresh random bytes.
+    On a data set split into the server's and the clients' rows every message
+    tells its client which rows it holds (:func:`partition_config`).
+    ``feedback`` (:func:`feedback_fns`) is needed with ``hidden-feedback``.
     """
     common: dict[str, Any] = {
         "fraction_train": config["fraction-train"],
@@ -252,14 +287,17 @@ def build_strategy(
             "config key 'hidden-feedback' needs a server mask: strategy fedsn or fedqsn, "
             f"not {config['strategy']}"
         )
-    if config["strategy"] in ("fedavg", "fedprox"):
-        return MeasuredFedAvg(seed=config["seed"], **common)
     if server_secret is None:
         try:
             given = explicit_secret(config)
         except SecretError as err:
             raise ConfigError(str(err)) from err
-        server_secret = given[0] if given is not None else None
+        server_secret = given[0] if given is not None else new_secret()
+    data = server_data(config, server_secret)
+    if data.pool_rows is not None:
+        common["node_config_fn"] = partition_config(config, data, server_secret)
+    if config["strategy"] in ("fedavg", "fedprox"):
+        return MeasuredFedAvg(seed=config["seed"], **common)
     policy = policy_for_model(model, mask_input_layer=config["mask-input-layer"])
     masked = config["strategy"] in ("fedqsn", "fedsn")
     if not masked:

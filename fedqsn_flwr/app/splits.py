@@ -13,10 +13,18 @@ scikit-learn) is split into three disjoint parts:
   label, ``dirichlet-alpha``). Each partition keeps 20% aside for the client's
   local evaluation.
 
-The client pool and its partitions come from the run's ``seed``, which every
-client has: that is how both sides agree without exchanging data. Which of the
-server's rows are its test set and which its pretraining set comes from the
-server secret (:mod:`fedqsn_flwr.core.secret`), which no client has.
+Which rows are the server's (test and pretraining) and which the pool's, and
+how the pool is cut into partitions, derive from the server secret
+(:mod:`fedqsn_flwr.core.secret`), which no client has: the server sends every
+client the rows of its own partition with each message
+(:data:`~fedqsn_flwr.flower.protocol.PARTITION_ROWS_KEY`), so a client learns
+its rows and nothing about the others'. A coalition of clients learns only
+that the server's rows are among those none of them holds. (Digits and the
+other bundled data sets are public as a whole: anyone may train on every row of
+them, the server's included. What stays the server's is which rows it used.)
+MNIST-1D is generated instead: the clients' pool from the run's public ``seed``
+(each client generates the pool and takes its partition), the server's
+examples from the secret.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from fedqsn_flwr.app.sources import (
 )
 from fedqsn_flwr.core.masking import derive_seed
 from fedqsn_flwr.core.secret import secret_rng
+from fedqsn_flwr.flower.protocol import PARTITION_ROWS_KEY
 
 __all__ = [
     "DATASETS",
@@ -49,6 +58,7 @@ __all__ = [
     "Split",
     "load_client_data",
     "load_server_data",
+    "partition_rows",
 ]
 
 PARTITIONINGS = ("iid", "dirichlet")
@@ -96,6 +106,9 @@ class ServerData:
     pretrain: Split
     pool: Split
     spec: InputSpec
+    #: Data-set row of every pool example (None: the pool is not cut from rows the
+    #: server holds, as for MNIST-1D and partition loaders).
+    pool_rows: np.ndarray | None = None
 
 
 def _as_key(dataset: str | DataKey) -> DataKey:
@@ -128,39 +141,27 @@ def _raw(key: DataKey) -> RawData:
 
 
 def _split_rows(
-    length: int, seed: int, test_fraction: float, pretrain_fraction: float, own_test: bool
+    length: int, secret: bytes, test_fraction: float, pretrain_fraction: float, own_test: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(server rows, pool rows): the public part of the split, from ``seed`` alone.
-
-    Clients compute their pool from the run's seed; which of the server's rows
-    are its test set and which its pretraining set is the secret part
-    (:func:`load_server_data`).
-    """
-    order = np.random.default_rng(seed).permutation(length)
+    """(server rows, pool rows), drawn from the server ``secret``."""
+    order = secret_rng(secret, "server-rows").permutation(length)
     n_server = round(pretrain_fraction * length)
     if not own_test:
         n_server += round(test_fraction * length)
-    return order[:n_server], order[n_server:]
+    return order[:n_server], np.sort(order[n_server:])
 
 
 @lru_cache(maxsize=8)
-def load_pool(
-    dataset: str | DataKey, seed: int, test_fraction: float, pretrain_fraction: float, size: int = 0
-) -> Split:
-    """The client pool: what all clients hold together, from the public ``seed``.
-
-    ``size`` is the pool size of a generated data set (MNIST-1D); others ignore it.
-    """
+def load_pool(dataset: str | DataKey, seed: int, size: int) -> Split:
+    """MNIST-1D's client pool: ``size`` signals generated from the public ``seed``."""
     key = _as_key(dataset)
-    if key.dataset == "mnist1d":
-        raw = generate_mnist1d(size, derive_seed("mnist1d-pool", seed), key.mnist1d_client_shear)
-        return _splits(raw)[0]
-    raw = _raw(key)
-    full, own_test = _splits(raw)
-    if is_partition_loader(key):
-        return full.subset(np.arange(0))
-    _, pool = _split_rows(len(full), seed, test_fraction, pretrain_fraction, own_test is not None)
-    return full.subset(pool)
+    if key.dataset != "mnist1d":
+        raise ValueError(
+            f"data set {key.dataset!r} has no public pool: the server draws its rows from "
+            "its secret and sends each client its partition's rows"
+        )
+    raw = generate_mnist1d(size, derive_seed("mnist1d-pool", seed), key.mnist1d_client_shear)
+    return _splits(raw)[0]
 
 
 def _mnist1d_server(key: DataKey, secret: bytes) -> ServerData:
@@ -186,33 +187,72 @@ def load_server_data(
 ) -> ServerData:
     """The server's test set, private pretraining set and the client pool.
 
-    The pool is public (:func:`load_pool`, from ``seed``); which of the server's
-    own rows are its test set and which its pretraining set comes from the server
-    ``secret`` (:mod:`fedqsn_flwr.core.secret`). With a data set's own test split the
-    pretraining rows are the training rows outside the pool. MNIST-1D's server
-    and test examples are generated from the secret (its ``pool`` is left empty:
-    its size depends on the number of partitions; see :func:`load_pool`).
+    Which rows are the server's, and which of those its test set, come from the
+    server ``secret`` (:mod:`fedqsn_flwr.core.secret`); ``seed`` is not used for
+    them (kept in the signature: a cache key and the run's identity). With a
+    data set's own test split the pretraining rows are the secret share of the
+    training rows. MNIST-1D's server and test examples are generated from the
+    secret (its ``pool`` is left empty: its size depends on the number of
+    partitions; see :func:`load_pool`).
     """
     key = _as_key(dataset)
     if key.dataset == "mnist1d":
         return _mnist1d_server(key, secret)
     raw = _raw(key)
     full, own_test = _splits(raw)
+    pool_rows: np.ndarray | None
     if is_partition_loader(key):
         # the server's own examples are its private pretraining set; clients bring theirs
-        server, pool = np.arange(len(full)), np.arange(0)
+        server, pool_rows = np.arange(len(full)), None
     else:
-        server, pool = _split_rows(
-            len(full), seed, test_fraction, pretrain_fraction, own_test is not None
+        server, pool_rows = _split_rows(
+            len(full), secret, test_fraction, pretrain_fraction, own_test is not None
         )
     if own_test is None:
-        server = server[secret_rng(secret, "split").permutation(len(server))]
         n_test = round(test_fraction * len(full))
         test, server = full.subset(server[:n_test]), server[n_test:]
     else:
         test = own_test
+    pool = full.subset(pool_rows if pool_rows is not None else np.arange(0))
     return ServerData(
-        test=test, pretrain=full.subset(server), pool=full.subset(pool), spec=raw.spec
+        test=test,
+        pretrain=full.subset(server),
+        pool=pool,
+        spec=raw.spec,
+        pool_rows=pool_rows,
+    )
+
+
+def partition_rows(
+    data: ServerData,
+    secret: bytes,
+    seed: int,
+    num_partitions: int,
+    partitioning: str,
+    alpha: float,
+) -> list[np.ndarray]:
+    """The data-set rows (sorted) of every client partition of the server's pool.
+
+    The pool is shuffled from the ``secret`` (flwr-datasets' ``IidPartitioner``
+    cuts contiguous shards) and cut by the partitioner (``DirichletPartitioner``
+    seeded with the public ``seed``). The server sends each client its own.
+    """
+    if data.pool_rows is None:
+        raise ValueError("this data set's clients hold their own data: there are no pool rows")
+    order = secret_rng(secret, "pool-shuffle").permutation(len(data.pool_rows))
+    labels = _partition_labels(data.pool.y[torch.from_numpy(order)], partitioning)
+    parts = _partition_indices(labels, num_partitions, partitioning, alpha, seed)
+    return [np.sort(data.pool_rows[order[part]]) for part in parts]
+
+
+def _partition_labels(y: torch.Tensor, partitioning: str) -> np.ndarray:
+    if y.dim() == 1:
+        return y.numpy()
+    if partitioning == "iid":
+        return np.zeros(len(y), dtype=np.int64)  # token targets: no class
+    raise ValueError(
+        f"partitioning '{partitioning}' splits by class label; a language-modelling "
+        "data set has none: use partitioning = 'iid'"
     )
 
 
@@ -253,14 +293,19 @@ def _partition_indices(
 def load_client_data(
     dataset: str | DataKey,
     seed: int,
-    test_fraction: float,
-    pretrain_fraction: float,
     partition_id: int,
     num_partitions: int,
     partitioning: str,
     alpha: float,
+    rows: tuple[int, ...] | None = None,
 ) -> tuple[Split, Split]:
-    """A client's partition of the pool as (local train, local evaluation) splits."""
+    """A client's partition as (local train, local evaluation) splits.
+
+    ``rows``: the data-set rows of this partition, as the server sent them
+    (:data:`~fedqsn_flwr.flower.protocol.PARTITION_ROWS_KEY`); needed for every
+    data set but MNIST-1D (whose pool the client generates from ``seed`` and
+    partitions itself) and partition loaders (the user's own data).
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
             f"partition-id {partition_id} is out of range for num-partitions={num_partitions}"
@@ -275,25 +320,37 @@ def load_client_data(
             else {}
         )
         part = Split(x, y, **stats)
-    else:
-        size = key.mnist1d_client_examples * num_partitions
-        pool = load_pool(key, seed, test_fraction, pretrain_fraction, size)
+    elif key.dataset == "mnist1d":
+        pool = load_pool(key, seed, key.mnist1d_client_examples * num_partitions)
         # Shuffle first: IidPartitioner cuts contiguous shards.
         shuffled = pool.subset(
             np.random.default_rng(derive_seed("pool-shuffle", seed)).permutation(len(pool))
         )
-        if shuffled.y.dim() == 1:
-            labels = shuffled.y.numpy()
-        elif partitioning == "iid":
-            labels = np.zeros(len(shuffled), dtype=np.int64)  # token targets: no class
-        else:
-            raise ValueError(
-                f"partitioning '{partitioning}' splits by class label; a language-modelling "
-                "data set has none: use partitioning = 'iid'"
-            )
+        labels = _partition_labels(shuffled.y, partitioning)
         parts = _partition_indices(labels, num_partitions, partitioning, alpha, seed)
         part = shuffled.subset(parts[partition_id])
+    else:
+        part = _given_rows(key, rows)
     rng = np.random.default_rng(derive_seed("local-evaluation", seed, partition_id))
     order = rng.permutation(len(part))
     n_eval = max(1, round(LOCAL_EVAL_FRACTION * len(part))) if len(part) > 1 else 0
     return part.subset(order[n_eval:]), part.subset(order[:n_eval])
+
+
+def _given_rows(key: DataKey, rows: tuple[int, ...] | None) -> Split:
+    """The rows the server assigned to this client, checked."""
+    if rows is None:
+        raise ValueError(
+            f"data set {key.dataset!r}: the server sends each client the rows of its "
+            f"partition ('{PARTITION_ROWS_KEY}' in the message config) and this message has "
+            "none (a ServerApp of another version?)"
+        )
+    full = _splits(_raw(key))[0]
+    index = np.asarray(rows, dtype=np.int64)
+    if index.ndim != 1 or len(index) == 0:
+        raise ValueError(f"'{PARTITION_ROWS_KEY}' must be a non-empty list of row numbers")
+    if index.min() < 0 or index.max() >= len(full) or len(np.unique(index)) != len(index):
+        raise ValueError(
+            f"'{PARTITION_ROWS_KEY}' must hold distinct row numbers in [0, {len(full)})"
+        )
+    return full.subset(index)

@@ -74,7 +74,7 @@ from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.private import write_private
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
 from fedqsn_flwr.app.sources import data_key, generate_mnist1d
-from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data
+from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data, partition_rows
 from fedqsn_flwr.app.training import evaluate, evaluate_state, perplexity, train
 from fedqsn_flwr.core.masking import derive_seed
 from fedqsn_flwr.core.secret import SECRET_FILE
@@ -339,16 +339,30 @@ def run_attacks(
         if kind == "train":
             last[partition] = proxy  # sorted by round: the last one wins
 
+    num_partitions = federation["num-partitions"]
+    # the rows the server sent each client (the attackers hold their own data)
+    cut = (
+        partition_rows(
+            data,
+            secret,
+            config["seed"],
+            num_partitions,
+            config["partitioning"],
+            config["dirichlet-alpha"],
+        )
+        if data.pool_rows is not None
+        else None
+    )
+
     def client_data(partition: int) -> Split:
         return load_client_data(
             key,
             config["seed"],
-            config["test-fraction"],
-            config["pretrain-fraction"],
             partition,
-            federation["num-partitions"],
+            num_partitions,
             config["partitioning"],
             config["dirichlet-alpha"],
+            tuple(cut[partition].tolist()) if cut is not None else None,
         )[0]
 
     results: list[dict[str, Any]] = []

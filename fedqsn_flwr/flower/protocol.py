@@ -12,7 +12,10 @@ Server to client (train and evaluate messages):
   ``arrayrecord_key`` (Flower's ``"arrays"``) instead;
 * the strategy's ``configrecord_key`` (Flower's ``"config"``): the round's
   settings, with :data:`SERVER_ROUND_KEY` added and, when the server asks for
-  hidden-unit feedback, :data:`HIDDEN_FEEDBACK_KEY`.
+  hidden-unit feedback, :data:`HIDDEN_FEEDBACK_KEY`; in this project's app, on a
+  data set split into the server's and the clients' rows, also
+  :data:`PARTITION_ROWS_KEY` (the rows this client holds: which rows are the
+  server's derives from its secret, so the clients cannot compute them).
 
 Client to server:
 
@@ -48,6 +51,8 @@ TRAIN_LOSS_KEY = "train-loss"
 SERVER_ROUND_KEY = "server-round"
 #: In a train config: the server wants hidden-unit feedback in the reply.
 HIDDEN_FEEDBACK_KEY = "hidden-feedback"
+#: In a train or evaluate config: the data-set rows of the receiving client's partition.
+PARTITION_ROWS_KEY = "partition-rows"
 #: A query's config asks for this; the reply's metrics hold these two.
 QUERY_ASK_KEY = "ask"
 PARTITION_ID_KEY = "partition-id"

@@ -6,6 +6,7 @@ from fedqsn_flwr.flower.strategies.utils import (
     MessageEntry,
     MessageSink,
     MetricsAggrFn,
+    NodeConfigFn,
     StateEvaluateFn,
     message_bytes,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "MessageEntry",
     "MessageSink",
     "MetricsAggrFn",
+    "NodeConfigFn",
     "StateEvaluateFn",
     "message_bytes",
 ]

@@ -48,6 +48,7 @@ from fedqsn_flwr.flower.strategies.utils import (
     MessageEntry,
     MessageSink,
     MetricsAggrFn,
+    NodeConfigFn,
     StateEvaluateFn,
     aggregate_metrics,
     l2_norm,
@@ -109,6 +110,11 @@ class MeasuredFedAvg(FedAvg):
         the model the client was sent (the global model here; FedQSN's proxy) is
         rejected, and with at least 3 replies left, so is one
         exceeding this many times the round's median update norm. ``inf``: off.
+    node_config_fn : NodeConfigFn, optional
+        Called with ``(partition_id, num_partitions)`` for every train and
+        evaluate message; its items join that message's config only (this
+        project's app sends each client the rows it holds). Counted in the
+        message's bytes.
 
     Resuming: after :meth:`restore` with a checkpoint taken after round ``n``,
     :meth:`start` runs rounds ``n + 1 .. num_rounds`` through Flower's own round
@@ -135,6 +141,7 @@ class MeasuredFedAvg(FedAvg):
         message_sink: MessageSink | None = None,
         max_num_examples: float = 1e9,
         max_update_norm_ratio: float = 10.0,
+        node_config_fn: NodeConfigFn | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -153,6 +160,7 @@ class MeasuredFedAvg(FedAvg):
         self.seed = seed
         self.max_num_examples = max_num_examples
         self.max_update_norm_ratio = max_update_norm_ratio
+        self.node_config_fn = node_config_fn
         self._model_norm = math.inf
         #: Nodes whose partition claim was refused: they are never sampled.
         self.refused: dict[int, str] = {}
@@ -379,6 +387,27 @@ class MeasuredFedAvg(FedAvg):
                 )
             )
 
+    def _with_node_config(self, messages: list[Message]) -> list[Message]:
+        """``messages`` with :attr:`node_config_fn`'s items in each one's own config."""
+        if self.node_config_fn is None:
+            return messages
+        out = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            extra = self.node_config_fn(
+                self.partition_ids.get(node_id, node_id), self.num_partitions
+            )
+            content = RecordDict(dict(message.content.items()))
+            config = content.config_records[self.configrecord_key]
+            # records may be shared by every message of a round: a new one per node
+            content[self.configrecord_key] = ConfigRecord({**dict(config), **extra})
+            out.append(
+                Message(
+                    content=content, message_type=message.metadata.message_type, dst_node_id=node_id
+                )
+            )
+        return out
+
     def _sink(self, server_round: int, messages: list[Message]) -> None:
         if self.message_sink is None:
             return
@@ -429,6 +458,7 @@ class MeasuredFedAvg(FedAvg):
         started = time.perf_counter()
         config = ConfigRecord({**dict(config), SERVER_ROUND_KEY: server_round})
         messages = self._train_messages(server_round, arrays, config, node_ids)
+        messages = self._with_node_config(messages)
         self._record(server_round, messages, "down")
         self._sink(server_round, messages)
         self._log_round(
@@ -639,6 +669,7 @@ class MeasuredFedAvg(FedAvg):
         )
         config = ConfigRecord({**dict(config), SERVER_ROUND_KEY: server_round})
         messages = self._evaluate_messages(server_round, arrays, config, node_ids)
+        messages = self._with_node_config(messages)
         self._record(server_round, messages, "down")
         self._sink(server_round, messages)
         return messages

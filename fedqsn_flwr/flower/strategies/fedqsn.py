@@ -136,7 +136,7 @@ class FedQSN(MeasuredFedAvg):
         ``evaluate_metrics_aggr_fn``; all honoured) and ``seed`` (of node
         sampling: public, clients may know it), ``proxy_evaluate_fn`` (called on
         every proxy decoded from its message), ``message_sink``,
-        ``max_num_examples``, ``max_update_norm_ratio`` (an update, in global
+        ``node_config_fn``, ``max_num_examples``, ``max_update_norm_ratio`` (an update, in global
         units, against the norm of the proxy its client was sent: never the
         global model's, whose hidden part acceptance would then reveal).
         ``arrayrecord_key`` is refused: FedQSN sends proxies (``"proxy"``,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from fedqsn_flwr.flower.protocol import METRICS_RECORD
 StateEvaluateFn = Callable[[Mapping[str, torch.Tensor]], float | Mapping[str, float]]
 #: Called with (server round, partition id, message) for every message to a client.
 MessageSink = Callable[[int, int, Message], None]
+#: Called with (partition id, number of partitions); returns config items for that
+#: client's train and evaluate messages alone (e.g. which rows it holds).
+NodeConfigFn = Callable[[int, int], Mapping[str, Any]]
 #: Flower's metric aggregation: (replies' records, weighting key) -> aggregate.
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 
