@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
     updates = []
     for _ in range(2):
         settings = ConfigRecord({"server-round": 1, "local-epochs": 1, "learning-rate": 0.05,
-                                 "batch-size": 32})
+                                 "batch-size": 32, "partition-rows": list(range(0, 600, 2))})
         content = RecordDict({PROXY_RECORD: arrays, LAYOUT_RECORD: layout, "config": settings})
         message = Message(content, message_type=MessageType.TRAIN, dst_node_id=5)
         update = handle_train(message, context, config).content["update"]
