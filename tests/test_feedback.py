@@ -127,8 +127,15 @@ def test_guard_halves_a_step_that_raises_the_held_out_loss_and_drops_a_useless_o
     stepped, kept = guarded_feedback(state, policy, hidden, direction, 8.0, loss_at_minus_one)
     assert kept == 0.25 and float(stepped["w"].sum()) == -4.0
     # a direction that only raises the loss is dropped: the state comes back unchanged
-    stepped, kept = guarded_feedback(state, policy, hidden, direction, -1.0, loss_at_minus_one)
+    stepped, kept = guarded_feedback(
+        state, policy, hidden, direction, -1.0, loss_at_minus_one, tolerance=0.0
+    )
     assert kept == 0.0 and torch.equal(stepped["w"], state["w"])
+    # within the tolerance a small rise is kept: -1/32 raises the loss 2 -> 2.127 (6.3%)
+    _, kept = guarded_feedback(state, policy, hidden, direction, -1.0, loss_at_minus_one, 0.02)
+    assert kept == 0.0
+    _, kept = guarded_feedback(state, policy, hidden, direction, -1.0, loss_at_minus_one, 0.07)
+    assert kept == 1 / 32
 
 
 def _federation(base_config, feedback, tamper=None):

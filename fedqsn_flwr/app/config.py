@@ -165,6 +165,14 @@ SPEC: dict[str, Key] = {
         "hidden-feedback: examples of the server's own data for the control variate, and as "
         "many others held out to guard each step (each half the pretraining set when smaller)",
     ),
+    "feedback-tolerance": Key(
+        0.02,
+        float,
+        "a finite number >= 0",
+        lambda v: 0 <= v < float("inf"),
+        "hidden-feedback: a step is kept only if it raises the loss on held-out server data by "
+        "at most this fraction (else halved, up to 5 times, then dropped)",
+    ),
     "feedback-step": _positive(
         1.0, "hidden-feedback: step on hidden units, in units of learning rate x local steps"
     ),

@@ -317,6 +317,7 @@ def build_strategy(
         feedback_gradient_fn=feedback[0] if feedback else None,
         feedback_loss_fn=feedback[1] if feedback else None,
         feedback_step=config["feedback-step"],
+        feedback_tolerance=config["feedback-tolerance"],
         **common,
     )
 

@@ -120,9 +120,12 @@ class FedQSN(MeasuredFedAvg):
         Mean loss gradient of a model state on the server's own data.
     feedback_loss_fn : LossFn, optional
         Mean loss of a model state on *other*, held-out data of the server's: a
-        feedback step is kept only if it does not raise it (halved up to
+        feedback step is kept only if it raises it by at most
+        ``feedback_tolerance`` (halved up to
         :data:`~fedqsn_flwr.core.feedback.HALVINGS` times, else dropped; the
         kept fraction is ``round_log[r]["feedback_kept"]``).
+    feedback_tolerance : float (default: 0.02)
+        Relative rise of that held-out loss a feedback step may cause.
     feedback_step : float (default: 1.0)
         Step on hidden units in units of learning rate x local steps.
     feedback_clip : float (default: 5.0)
@@ -161,6 +164,7 @@ class FedQSN(MeasuredFedAvg):
         hidden_feedback: bool = False,
         feedback_gradient_fn: GradientFn | None = None,
         feedback_loss_fn: LossFn | None = None,
+        feedback_tolerance: float = 0.02,
         feedback_step: float = 1.0,
         feedback_clip: float = 5.0,
         **options: Any,
@@ -209,6 +213,9 @@ class FedQSN(MeasuredFedAvg):
         self.hidden_feedback = hidden_feedback
         self.feedback_gradient_fn = feedback_gradient_fn
         self.feedback_loss_fn = feedback_loss_fn
+        if not feedback_tolerance >= 0:
+            raise ValueError(f"feedback_tolerance must be >= 0, got {feedback_tolerance}")
+        self.feedback_tolerance = feedback_tolerance
         self.feedback_step = feedback_step
         self.feedback_clip = feedback_clip
         self._server_hidden = server_hidden(policy, self.server_mask)
@@ -409,13 +416,20 @@ class FedQSN(MeasuredFedAvg):
         step = self.feedback_step * self._learning_rate * steps
         assert self.feedback_loss_fn is not None
         state, kept = guarded_feedback(
-            state, self.policy, self._server_hidden, direction, step, self.feedback_loss_fn
+            state,
+            self.policy,
+            self._server_hidden,
+            direction,
+            step,
+            self.feedback_loss_fn,
+            self.feedback_tolerance,
         )
         self._log_round(server_round, feedback_kept=kept)
         if kept < 1.0:
             log(
                 INFO,
-                "Round %d: hidden-unit feedback step %s (it raised the held-out server loss)",
+                "Round %d: hidden-unit feedback step %s (it raised the held-out server loss "
+                "by more than the tolerance)",
                 server_round,
                 f"cut to {kept:g} of its size" if kept else "dropped",
             )
