@@ -73,12 +73,14 @@ from fedqsn_flwr.app.huggingface import CAUSAL_LM
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.private import write_private
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
+from fedqsn_flwr.app.server import partition_config
 from fedqsn_flwr.app.sources import data_key, generate_mnist1d
-from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data, partition_rows
+from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data
 from fedqsn_flwr.app.training import evaluate, evaluate_state, perplexity, train
 from fedqsn_flwr.core.masking import derive_seed
 from fedqsn_flwr.core.secret import SECRET_FILE
 from fedqsn_flwr.flower.privacy import to_global_units
+from fedqsn_flwr.flower.protocol import PARTITION_ROWS_KEY
 from fedqsn_flwr.flower.proxy import Proxy, received_model
 
 DEFAULT_EPOCHS = 10
@@ -341,20 +343,10 @@ def run_attacks(
 
     num_partitions = federation["num-partitions"]
     # the rows the server sent each client (the attackers hold their own data)
-    cut = (
-        partition_rows(
-            data,
-            secret,
-            config["seed"],
-            num_partitions,
-            config["partitioning"],
-            config["dirichlet-alpha"],
-        )
-        if data.pool_rows is not None
-        else None
-    )
+    rows_of = partition_config(config, data, secret) if data.pool_rows is not None else None
 
     def client_data(partition: int) -> Split:
+        rows = rows_of(partition, num_partitions)[PARTITION_ROWS_KEY] if rows_of else None
         return load_client_data(
             key,
             config["seed"],
@@ -362,7 +354,7 @@ def run_attacks(
             num_partitions,
             config["partitioning"],
             config["dirichlet-alpha"],
-            tuple(cut[partition].tolist()) if cut is not None else None,
+            tuple(rows) if rows is not None else None,
         )[0]
 
     results: list[dict[str, Any]] = []
