@@ -163,7 +163,7 @@ def guarded_feedback(
     loss_fn: LossFn,
     tolerance: float = 0.02,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """:func:`apply_feedback` with the largest step that keeps the held-out loss.
+    """:func:`apply_feedback` with the largest step the held-out loss tolerates.
 
     Tries ``step``, ``step / 2``, ... (:data:`HALVINGS` halvings) and keeps the
     first that does not raise ``loss_fn`` above ``1 + tolerance`` times its value
