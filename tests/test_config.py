@@ -49,7 +49,7 @@ def test_required_keys_exist():
         ("strategy", "fedfoo", "['fedqsn', 'fedsn', 'fedq', 'fedavg', 'fedprox']"),
         ("dataset", "imagenet", "'digits', 'mnist1d', 'mnist'"),
         ("model", "gpt", "'cnn', 'cnn1d', 'mlp', 'mlp512', 'resnet18', 'transformer'"),
-        ("partitioning", "shards", "['iid', 'dirichlet']"),
+        ("partitioning", "shards", "['iid', 'dirichlet', 'genre']"),
         ("num-server-rounds", 0, ">= 1"),
         ("dirichlet-alpha", 0.0, "> 0"),
         ("bit-width", "four", "2..8"),

@@ -232,6 +232,14 @@ SPEC: dict[str, Key] = {
         lambda v: v in MODELS or is_factory_path(v) or (is_hf(v) and len(v) > len("hf:")),
         "model architecture, or a local Hugging Face checkpoint (see Data sets and models)",
     ),
+    "hf-weights": Key(
+        True,
+        bool,
+        "true or false",
+        lambda v: isinstance(v, bool),
+        "hf:<folder>: the server starts from the folder's weights (false: the folder holds "
+        "an architecture, config.json and tokenizer; the server initialises it from its secret)",
+    ),
     "initial-model": Key(
         "",
         str,
@@ -378,10 +386,16 @@ def validate(config: Mapping[str, Any]) -> Config:
             "config key 'max-length' must be at least 2 for a language model (a token "
             "predicts the next one)"
         )
-    if out["dataset"] in LANGUAGE_MODELLING and out["partitioning"] != "iid":
+    if out["partitioning"] == "genre" and out["dataset"] != "brown":
         raise ConfigError(
-            f"partitioning {out['partitioning']!r} splits by class label and dataset "
+            f"partitioning 'genre' needs documents with genres (dataset 'brown'), not "
+            f"{out['dataset']!r}"
+        )
+    if out["dataset"] in LANGUAGE_MODELLING and out["partitioning"] == "dirichlet":
+        raise ConfigError(
+            f"partitioning 'dirichlet' splits by class label and dataset "
             f"{out['dataset']!r} has none: use partitioning = 'iid'"
+            + (" or 'genre'" if out["dataset"] == "brown" else "")
         )
     return out
 

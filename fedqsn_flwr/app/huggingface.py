@@ -187,7 +187,15 @@ def load_hf_model(
             model = auto.from_config(config)
     except (OSError, ValueError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise HuggingFaceError(f"model '{name}' cannot be loaded for {task}: {first}") from err
+        hint = ""
+        if pretrained and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            hint = (
+                "; the folder holds no weights: set hf-weights = false to initialise its "
+                "architecture from the server secret"
+            )
+        raise HuggingFaceError(
+            f"model '{name}' cannot be loaded for {task}: {first}{hint}"
+        ) from err
     embeddings = model.get_input_embeddings().weight.shape[0]
     if vocab_size > embeddings:
         raise HuggingFaceError(

@@ -100,7 +100,13 @@ def initial_model(
     ``pretrain`` False (a resumed run, whose weights come from its checkpoint)
     only the architecture is built.
     """
-    model = build_model(config["model"], config["dropout"], spec=data.spec, secret=secret)
+    model = build_model(
+        config["model"],
+        config["dropout"],
+        spec=data.spec,
+        pretrained=config["hf-weights"],
+        secret=secret,
+    )
     if config.get("initial-model"):
         load_initial_weights(model, config["initial-model"])
     model.to(pick_device(config["device"]))
@@ -149,6 +155,7 @@ _PRETRAIN_KEYS = (
     "mnist1d-client-shear",
     "model",
     "dropout",
+    "hf-weights",
     "initial-model",
     "pretrain-epochs",
     "pretrain-fraction",

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedqsn_flwr.app.brown import load_brown
 from fedqsn_flwr.app.huggingface import (
     CAUSAL_LM,
     IGNORE_INDEX,
@@ -92,9 +93,17 @@ E2E_COLUMNS = (("meaning_representation", "human_reference"), ("mr", "ref"))
 #: Between an E2E meaning representation and its reference (" " + reference).
 E2E_SEPARATOR = " ="
 #: Data sets whose examples are token targets for a causal language model.
-LANGUAGE_MODELLING = ("e2e_nlg",)
-GLUE_E2E_DATASETS = tuple(f"glue/{task}" for task in GLUE_TASKS) + LANGUAGE_MODELLING
-DATASETS = ("digits", "mnist1d", *IMAGE_DATASETS, *TEXT_DATASETS, "text", *GLUE_E2E_DATASETS)
+LANGUAGE_MODELLING = ("e2e_nlg", "brown")
+GLUE_E2E_DATASETS = (*(f"glue/{task}" for task in GLUE_TASKS), "e2e_nlg")
+DATASETS = (
+    "digits",
+    "mnist1d",
+    *IMAGE_DATASETS,
+    *TEXT_DATASETS,
+    "text",
+    *GLUE_E2E_DATASETS,
+    "brown",
+)
 #: MNIST-1D's signals: 1 channel of 40 values, 10 classes.
 MNIST1D_LENGTH = 40
 
@@ -151,6 +160,9 @@ class RawData:
         The data set's own test split, if it has one.
     spec : InputSpec
         Input shape and number of classes.
+    documents, genres : np.ndarray | None, tuple[str, ...]
+        For text cut into blocks: the document of every training row and the
+        genre of every document (splits keep documents whole).
 
     """
 
@@ -159,6 +171,11 @@ class RawData:
     test_x: torch.Tensor | None
     test_y: torch.Tensor | None
     spec: InputSpec
+    #: Document of every training row (language-model blocks cut from whole
+    #: documents, as for ``brown``); None when rows are independent examples.
+    documents: np.ndarray | None = None
+    #: Genre of every document (``documents`` indexes it).
+    genres: tuple[str, ...] = ()
 
 
 def data_key(config: dict[str, Any] | Any) -> DataKey:
@@ -430,6 +447,45 @@ def load_e2e(key: DataKey) -> RawData:
     return RawData(train_x, train_y, test_x, test_y, spec)
 
 
+def lm_blocks(texts: Sequence[str], key: DataKey) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Plain-text documents as causal-LM blocks: (ids, targets, document of each block).
+
+    Each document (EOS appended) is tokenized whole and cut into blocks of
+    ``max-length`` tokens; the last block of a document is padded (targets
+    :data:`IGNORE_INDEX` there), so no block mixes two documents.
+    """
+    tokenizer = load_tokenizer(key.tokenizer)
+    pad = tokenizer.pad_token_id
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    blocks: list[list[int]] = []
+    owners: list[int] = []
+    for document, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+        ids = ids + eos
+        for start in range(0, len(ids), key.max_length):
+            blocks.append(ids[start : start + key.max_length])
+            owners.append(document)
+    x = torch.full((len(blocks), key.max_length), pad, dtype=torch.long)
+    y = torch.full((len(blocks), key.max_length), IGNORE_INDEX, dtype=torch.long)
+    for row, block in enumerate(blocks):
+        x[row, : len(block)] = torch.tensor(block)
+        y[row, : len(block)] = x[row, : len(block)]
+    return x, y, np.asarray(owners, dtype=np.int64)
+
+
+def load_brown_data(key: DataKey) -> RawData:
+    """The Brown corpus (:mod:`fedqsn_flwr.app.brown`) as causal-LM blocks of whole documents."""
+    if not key.tokenizer:
+        raise DataError(
+            "dataset 'brown' is for causal language models: set model = 'hf:<folder>' (a "
+            "GPT-2-style checkpoint or architecture with its tokenizer, e.g. the one "
+            "fedqsn-brown-gpt2 writes)"
+        )
+    documents = load_brown(key.data_dir)
+    x, y, owners = lm_blocks([d.text for d in documents], key)
+    spec = InputSpec("text", (key.max_length,), 0, len(load_tokenizer(key.tokenizer)), CAUSAL_LM)
+    return RawData(x, y, None, None, spec, owners, tuple(d.genre for d in documents))
+
+
 # -- images -----------------------------------------------------------------------
 
 
@@ -691,6 +747,8 @@ def load_raw(key: DataKey) -> RawData:
         return load_glue(key)
     if key.dataset == "e2e_nlg":
         return load_e2e(key)
+    if key.dataset == "brown":
+        return load_brown_data(key)
     if key.dataset in IMAGE_DATASETS and key.data_dir:
         return load_torchvision(key)
     if key.dataset in HF_DATASETS:

@@ -35,6 +35,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from fedqsn_flwr.app.brown import IMAGINATIVE, INFORMATIVE
 from fedqsn_flwr.app.models import InputSpec
 from fedqsn_flwr.app.sources import (
     DATASETS,
@@ -61,7 +62,7 @@ __all__ = [
     "partition_rows",
 ]
 
-PARTITIONINGS = ("iid", "dirichlet")
+PARTITIONINGS = ("iid", "dirichlet", "genre")
 LOCAL_EVAL_FRACTION = 0.2
 
 
@@ -109,6 +110,10 @@ class ServerData:
     #: Data-set row of every pool example (None: the pool is not cut from rows the
     #: server holds, as for MNIST-1D and partition loaders).
     pool_rows: np.ndarray | None = None
+    #: Document of every pool row and genre of every document, for text cut into
+    #: blocks (``brown``): partitions then keep documents whole.
+    pool_documents: np.ndarray | None = None
+    genres: tuple[str, ...] = ()
 
 
 def _as_key(dataset: str | DataKey) -> DataKey:
@@ -177,6 +182,43 @@ def _mnist1d_server(key: DataKey, secret: bytes) -> ServerData:
     )
 
 
+def _document_rows(documents: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.isin(documents, chosen))
+
+
+def _brown_server(key: DataKey, secret: bytes, test_fraction: float) -> ServerData:
+    """Brown's split by document: the server's pretraining text and test set.
+
+    The server pretrains on the informative prose; the clients and the test set
+    share the imaginative prose, in whole documents: ``test_fraction`` of each
+    genre's documents (at least one) are held out for the test set, which ones
+    drawn from the secret.
+    """
+    raw = _raw(key)
+    assert raw.documents is not None
+    full = _splits(raw)[0]
+    genres = np.asarray(raw.genres)
+    rng = secret_rng(secret, "server-rows")
+    test_docs: list[int] = []
+    client_docs: list[int] = []
+    for genre in IMAGINATIVE:
+        docs = rng.permutation(np.flatnonzero(genres == genre))
+        n_test = max(1, round(test_fraction * len(docs))) if test_fraction > 0 else 0
+        test_docs += docs[:n_test].tolist()
+        client_docs += docs[n_test:].tolist()
+    server_docs = np.flatnonzero(np.isin(genres, INFORMATIVE))
+    pool_rows = _document_rows(raw.documents, np.asarray(client_docs))
+    return ServerData(
+        test=full.subset(_document_rows(raw.documents, np.asarray(test_docs))),
+        pretrain=full.subset(_document_rows(raw.documents, server_docs)),
+        pool=full.subset(pool_rows),
+        spec=raw.spec,
+        pool_rows=pool_rows,
+        pool_documents=raw.documents[pool_rows],
+        genres=raw.genres,
+    )
+
+
 @lru_cache(maxsize=8)
 def load_server_data(
     dataset: str | DataKey,
@@ -198,6 +240,8 @@ def load_server_data(
     key = _as_key(dataset)
     if key.dataset == "mnist1d":
         return _mnist1d_server(key, secret)
+    if key.dataset == "brown":
+        return _brown_server(key, secret, test_fraction)
     raw = _raw(key)
     full, own_test = _splits(raw)
     pool_rows: np.ndarray | None
@@ -239,10 +283,66 @@ def partition_rows(
     """
     if data.pool_rows is None:
         raise ValueError("this data set's clients hold their own data: there are no pool rows")
+    if data.pool_documents is not None:
+        return _document_partitions(data, secret, num_partitions, partitioning)
+    if partitioning == "genre":
+        raise ValueError("partitioning 'genre' needs documents with genres (dataset 'brown')")
     order = secret_rng(secret, "pool-shuffle").permutation(len(data.pool_rows))
     labels = _partition_labels(data.pool.y[torch.from_numpy(order)], partitioning)
     parts = _partition_indices(labels, num_partitions, partitioning, alpha, seed)
     return [np.sort(data.pool_rows[order[part]]) for part in parts]
+
+
+def _genre_shares(counts: dict[str, int], num_partitions: int) -> dict[str, int]:
+    """Partitions per genre, proportional to its documents (largest remainder)."""
+    total = sum(counts.values())
+    exact = {genre: num_partitions * n / total for genre, n in counts.items()}
+    shares = {genre: int(x) for genre, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda g: shares[g] - exact[g])
+    for genre in by_remainder[: num_partitions - sum(shares.values())]:
+        shares[genre] += 1
+    return shares
+
+
+def _document_partitions(
+    data: ServerData, secret: bytes, num_partitions: int, partitioning: str
+) -> list[np.ndarray]:
+    """Rows of whole documents per partition.
+
+    ``iid``: the documents shuffled and dealt out. ``genre``: a genre's
+    documents are split among the partitions its size earns it (largest
+    remainder); a genre too small to earn one joins the partition with the
+    fewest documents.
+    """
+    assert data.pool_rows is not None and data.pool_documents is not None
+    rng = secret_rng(secret, "pool-shuffle")
+    documents = np.unique(data.pool_documents)
+    if len(documents) < num_partitions:
+        raise ValueError(
+            f"{len(documents)} client documents cannot fill {num_partitions} partitions"
+        )
+    parts: list[list[int]]
+    if partitioning == "iid":
+        shuffled = rng.permutation(documents)
+        parts = [shuffled[i::num_partitions].tolist() for i in range(num_partitions)]
+    elif partitioning == "genre":
+        by_genre = {
+            genre: rng.permutation([d for d in documents if data.genres[d] == genre]).tolist()
+            for genre in sorted({data.genres[d] for d in documents})
+        }
+        shares = _genre_shares({g: len(d) for g, d in by_genre.items()}, num_partitions)
+        parts = []
+        for genre, docs in by_genre.items():
+            parts += [docs[i :: shares[genre]] for i in range(shares[genre])]
+        for genre, docs in by_genre.items():
+            if shares[genre] == 0:
+                min(parts, key=len).extend(docs)
+    else:
+        raise ValueError(
+            f"partitioning '{partitioning}' splits by class label; documents have none: "
+            "use 'iid' or 'genre'"
+        )
+    return [data.pool_rows[np.isin(data.pool_documents, part)] for part in parts]
 
 
 def _partition_labels(y: torch.Tensor, partitioning: str) -> np.ndarray:

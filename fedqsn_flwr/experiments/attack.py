@@ -150,6 +150,15 @@ def knowledge_leakage(best_attack: float, data_only: float, global_accuracy: flo
 PUBLIC_GENERATOR = "public-generator"
 
 
+def _weights(config: Mapping[str, Any]) -> bool:
+    """Whether a Hugging Face folder's weights are the attackers' public start.
+
+    With ``hf-weights`` false the folder is an architecture: they start from a
+    public initialisation instead.
+    """
+    return bool(config.get("hf-weights", True))
+
+
 def data_only_reference(
     config: Mapping[str, Any],
     spec: Any,
@@ -168,7 +177,9 @@ def data_only_reference(
         architectures.append(small)
     starts: list[tuple[str, str, dict[str, torch.Tensor]]] = []
     for name in architectures:
-        model = build_model(name, config["dropout"], seed=config["seed"], spec=spec)
+        model = build_model(
+            name, config["dropout"], seed=config["seed"], spec=spec, pretrained=_weights(config)
+        )
         starts.append((name, name, {k: v.clone() for k, v in model.state_dict().items()}))
     if config.get("dataset") == "mnist1d" and config.get("pretrain-epochs", 0) > 0:
         # the server's data comes from the package's generator, which anyone can run
@@ -177,7 +188,9 @@ def data_only_reference(
     best: dict[str, Any] = {"score": -math.inf}
     tried = {}
     for label, name, start in starts:
-        model = build_model(name, config["dropout"], seed=config["seed"], spec=spec)
+        model = build_model(
+            name, config["dropout"], seed=config["seed"], spec=spec, pretrained=_weights(config)
+        )
         score, rate, epoch = finetune(
             model,
             start,
@@ -335,7 +348,9 @@ def run_attacks(
         key, config["seed"], config["test-fraction"], config["pretrain-fraction"], secret
     )
     metric = Metric.of(data.spec)
-    model = build_model(config["model"], config["dropout"], spec=data.spec)
+    model = build_model(
+        config["model"], config["dropout"], spec=data.spec, pretrained=_weights(config)
+    )
     last: dict[int, Proxy] = {}
     for (_, kind, partition), proxy in sorted(proxies.items()):
         if kind == "train":
@@ -395,7 +410,11 @@ def run_attacks(
 
     pooled = _pool([client_data(p) for p in sorted(last)])
     public = build_model(
-        config["model"], config["dropout"], seed=config["seed"], spec=data.spec
+        config["model"],
+        config["dropout"],
+        seed=config["seed"],
+        spec=data.spec,
+        pretrained=_weights(config),
     ).state_dict()
     for name, fill in (("collusion", None), ("public_fill", public)):
         state, seen = collude(proxies, fill)
