@@ -14,6 +14,8 @@ from fedqsn_flwr.app.splits import Split, input_spec, load_server_data
 from fedqsn_flwr.app.training import evaluate
 from fedqsn_flwr.core.masking import policy_for_model
 from fedqsn_flwr.experiments.attack import (
+    ACCURACY,
+    cached,
     collude,
     data_only_reference,
     finetune,
@@ -119,6 +121,50 @@ def test_finetuning_attack_improves_on_the_proxy_as_is(base_config):
         model, proxy.state, own, test, epochs=3, learning_rates=[0.02], seed=1
     )
     assert tuned > as_is + 0.02 and epoch >= 1 and rate == 0.02
+
+
+def test_patience_stops_a_learning_rate_and_the_best_state_is_kept(base_config):
+    test = load_server_data("digits", base_config["seed"], 0.2, 0.1, TEST_SECRET).test
+    own = client_split("digits", base_config["seed"], 0.2, 0.1, 0, 3)[0]
+    model = build_model("cnn", seed=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    epochs_run = []
+    real_evaluate = ACCURACY.evaluate
+
+    def counting(metric, net, data):
+        epochs_run.append(1)
+        return real_evaluate(net, data)
+
+    # a learning rate that wrecks the model never beats epoch 1: patience 1 stops it there
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(ACCURACY), "evaluate", counting)
+        kept: dict = {}
+        score, rate, epoch = finetune(
+            model, start, own, test, 6, [50.0, 0.05], 1, patience=1, best_state=kept
+        )
+    assert len(epochs_run) < 1 + 6 + 6  # epoch 0, then fewer than all 12 epochs
+    model.load_state_dict(kept)
+    assert evaluate(model, test)[1] == pytest.approx(score)
+    assert rate == 0.05 and epoch >= 1
+
+
+def test_references_are_cached_by_recipe_and_data(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"score": 0.5, "state": {"w": torch.ones(2)}}
+
+    data = [torch.arange(4)]
+    first = cached(tmp_path / "cache", {"a": 1}, data, compute)
+    again = cached(tmp_path / "cache", {"a": 1}, data, compute)
+    assert len(calls) == 1 and again["score"] == 0.5
+    assert torch.equal(again["state"]["w"], first["state"]["w"])
+    cached(tmp_path / "cache", {"a": 1}, [torch.arange(5)], compute)  # other data
+    cached(tmp_path / "cache", {"a": 2}, data, compute)  # other recipe
+    cached(None, {"a": 1}, data, compute)  # no cache
+    assert len(calls) == 4
+    assert all(f.stat().st_mode & 0o077 == 0 for f in (tmp_path / "cache").iterdir())
 
 
 def _without_timings(round_log):

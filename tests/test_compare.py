@@ -68,7 +68,7 @@ def test_bad_plans_fail_before_any_run(tmp_path, content, match):
         load_plan(_preset(tmp_path, **content))
 
 
-def test_shipped_comparison_presets_expand():
+def test_shipped_comparison_presets_expand(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs" / "compare"
@@ -86,6 +86,18 @@ def test_shipped_comparison_presets_expand():
     run = next(r for r in flagship.runs if r.value == "p1=0.8+feedback")
     assert run.overrides["server-mask-ratio"] == 0.8 and run.overrides["hidden-feedback"]
     assert run.overrides["dataset"] == "mnist1d" and run.overrides["mnist1d-client-shear"] == 1.25
+    brown = load_plan(root / "brown-gpt2.yaml")
+    assert len(brown.runs) == 7 * 3 and brown.attack_epochs == 12
+    assert brown.attack_options == {
+        "patience": 2,
+        "max_clients": 2,
+        "learning_rates": [3e-4, 1e-3, 3e-3],
+        "save_models": True,
+    }
+    with pytest.raises(ConfigError, match="attack-patience"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("strategies: [fedavg]\nattack-patience: 0\n")
+        load_plan(bad)
     no_shift = load_plan(root / "proprietary-no-shift.yaml")
     assert {r.overrides["mnist1d-client-shear"] for r in no_shift.runs} == {0.75}
 

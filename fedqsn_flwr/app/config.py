@@ -165,6 +165,12 @@ SPEC: dict[str, Key] = {
         "hidden-feedback: examples of the server's own data for the control variate, and as "
         "many others held out to guard each step (each half the pretraining set when smaller)",
     ),
+    "proxy-evaluations": _integer(
+        0,
+        0,
+        "fedqsn/fedsn: proxies per round scored on the test set for proxy_* in metrics.csv "
+        "(the first built; 0 = all)",
+    ),
     "feedback-tolerance": Key(
         0.02,
         float,

@@ -112,7 +112,7 @@ def initial_model(
     model.to(pick_device(config["device"]))
     if not pretrain:
         return model
-    cache = _pretrained_path(config, secret)
+    cache = pretrained_path(config, secret)
     if config["pretrain-epochs"] > 0 and len(data.pretrain) > 0 and cache is not None:
         if cache.exists():
             state = torch.load(cache, map_location="cpu", weights_only=True)
@@ -168,7 +168,7 @@ _PRETRAIN_KEYS = (
 )
 
 
-def _pretrained_path(config: Mapping[str, Any], secret: bytes) -> Path | None:
+def pretrained_path(config: Mapping[str, Any], secret: bytes) -> Path | None:
     """Where ``pretrain-cache`` keeps this run's pretrained model (None: off).
 
     Named by a hash of the secret and everything that decides the pretrained
@@ -325,6 +325,7 @@ def build_strategy(
         feedback_loss_fn=feedback[1] if feedback else None,
         feedback_step=config["feedback-step"],
         feedback_tolerance=config["feedback-tolerance"],
+        proxy_evaluations=config["proxy-evaluations"],
         **common,
     )
 

@@ -58,10 +58,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ import yaml
 
 from fedqsn_flwr.app.huggingface import CAUSAL_LM
 from fedqsn_flwr.app.models import build_model
-from fedqsn_flwr.app.private import write_private
+from fedqsn_flwr.app.private import private_dir, save_private, write_private
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
 from fedqsn_flwr.app.server import partition_config
 from fedqsn_flwr.app.sources import data_key, generate_mnist1d
@@ -167,10 +168,14 @@ def data_only_reference(
     epochs: int,
     learning_rates: Sequence[float],
     metric: Metric = ACCURACY,
+    *,
+    patience: int | None = None,
+    keep_state: bool = False,
 ) -> dict[str, Any]:
     """The attackers' best without any proxy (see the module docstring).
 
-    Returns the best ``score`` and its reported value under ``metric.name``.
+    Returns the best ``score`` and its reported value under ``metric.name``
+    (with ``keep_state``, the best model's weights under ``"state"``).
     """
     architectures = [config["model"]]
     if (small := SMALL_CNN.get(spec.kind)) and small not in architectures:
@@ -191,6 +196,7 @@ def data_only_reference(
         model = build_model(
             name, config["dropout"], seed=config["seed"], spec=spec, pretrained=_weights(config)
         )
+        kept: dict[str, torch.Tensor] | None = {} if keep_state else None
         score, rate, epoch = finetune(
             model,
             start,
@@ -201,6 +207,8 @@ def data_only_reference(
             derive_seed("attack-data-only", config["seed"]),
             metric,
             config.get("optimizer", "sgd"),
+            patience=patience,
+            best_state=kept,
         )
         tried[label] = metric.value(score)
         if label.startswith(PUBLIC_GENERATOR):
@@ -208,7 +216,111 @@ def data_only_reference(
             tried[PUBLIC_GENERATOR] = metric.value(metric.evaluate(model, test))
         if score > best["score"]:
             best = {"score": score, "model": label, "lr": rate, "epoch": epoch}
+            if kept is not None:
+                best["state"] = kept
     return {**best, metric.name: metric.value(best["score"]), "tried": tried}
+
+
+#: Data sets whose server pretraining text is public (the attackers can pretrain on it).
+PUBLIC_SERVER_TEXT = frozenset({"brown"})
+
+
+def public_corpus_reference(
+    config: Mapping[str, Any],
+    spec: Any,
+    corpus: Split,
+    pooled: Split,
+    test: Split,
+    budget: tuple[int, Sequence[float], int | None],
+    metric: Metric = ACCURACY,
+    *,
+    keep_state: bool = False,
+) -> dict[str, Any]:
+    """The run's model pretrained as the server pretrains it, on the server's public text.
+
+    Brown's informative prose, the server's pretraining set, ships in a public
+    package: colluders can pretrain the same architecture with the same recipe
+    (``pretrain-epochs``, learning rate, batch size, optimizer) from a public
+    initialisation and order, then fine-tune it on their pooled data within the
+    attacks' ``budget`` (epochs, learning rates, patience). Returns the
+    pretrained model's score as is (``as_is``) and the best fine-tuned one.
+    """
+    epochs, rates, patience = budget
+    seed = int(config["seed"])
+    optimizer = str(config.get("optimizer", "sgd"))
+    model = build_model(
+        config["model"],
+        config["dropout"],
+        seed=derive_seed("attack-public-init", seed),
+        spec=spec,
+        pretrained=_weights(config),
+    )
+    train(
+        model,
+        corpus,
+        int(config["pretrain-epochs"]),
+        float(config["learning-rate"]),
+        int(config["batch-size"]),
+        seed=derive_seed("attack-pretrain", seed),
+        optimizer=optimizer,
+    )
+    start = _copy_state(model)
+    as_is = metric.evaluate(model, test)
+    kept: dict[str, torch.Tensor] | None = {} if keep_state else None
+    score, rate, epoch = finetune(
+        model,
+        start,
+        pooled,
+        test,
+        epochs,
+        rates,
+        derive_seed("attack-public-corpus", seed),
+        metric,
+        optimizer,
+        patience=patience,
+        best_state=kept,
+    )
+    found = {
+        "score": score,
+        metric.name: metric.value(score),
+        "as_is": metric.value(as_is),
+        "lr": rate,
+        "epoch": epoch,
+    }
+    return {**found, "state": kept} if kept is not None else found
+
+
+def cached(
+    cache_dir: Path | None,
+    described: Mapping[str, Any],
+    tensors: Sequence[torch.Tensor],
+    compute: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """``compute()``, kept under ``cache_dir`` by what decides it (None: no cache).
+
+    The key hashes ``described`` (a JSON-able recipe) and the bytes of
+    ``tensors`` (the data it trains and scores on), so runs of a comparison that
+    share a seed's clients and test set train their references once. A
+    ``"state"`` entry (model weights) is kept beside the JSON.
+    """
+    if cache_dir is None:
+        return compute()
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    for tensor in tensors:
+        digest.update(tensor.contiguous().numpy().tobytes())
+    stem = cache_dir / digest.hexdigest()[:32]
+    found_json, found_state = stem.with_suffix(".json"), stem.with_suffix(".pt")
+    if found_json.exists():
+        found = json.loads(found_json.read_text())
+        if found_state.exists():
+            found["state"] = torch.load(found_state, weights_only=True)
+        return found
+    found = compute()
+    private_dir(cache_dir)
+    if "state" in found:
+        save_private(found["state"], found_state)
+    write_private(found_json, json.dumps({k: v for k, v in found.items() if k != "state"}))
+    return found
 
 
 @functools.lru_cache(maxsize=4)
@@ -296,23 +408,41 @@ def finetune(
     seed: int,
     metric: Metric = ACCURACY,
     optimizer: str = "sgd",
+    *,
+    patience: int | None = None,
+    best_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, float, int]:
     """Best test score of ``state`` fine-tuned on ``data``: (score, rate, epoch).
 
     The score is the accuracy (or minus the token loss, see :class:`Metric`).
-    Epoch 0 is the model as given, so the result is never below it.
+    Epoch 0 is the model as given, so the result is never below it. With
+    ``patience``, a learning rate stops after that many epochs in a row without
+    a new best of its own (the attacks and the references share the rule).
+    ``best_state``, when given, is filled with the best model's weights.
     """
     model.load_state_dict(dict(state))
     best = (metric.evaluate(model, test), 0.0, 0)
+    if best_state is not None:
+        best_state.update(_copy_state(model))
     for rate in learning_rates:
         model.load_state_dict(dict(state))
+        rate_best, stale = -math.inf, 0
         for epoch in range(1, epochs + 1):
             seed_epoch = derive_seed("attack-epoch", seed, epoch)
             train(model, data, 1, rate, 32, seed=seed_epoch, optimizer=optimizer)
             score = metric.evaluate(model, test)
             if score > best[0]:
                 best = (score, rate, epoch)
+                if best_state is not None:
+                    best_state.update(_copy_state(model))
+            rate_best, stale = (score, 0) if score > rate_best else (rate_best, stale + 1)
+            if patience is not None and stale >= patience:
+                break
     return best
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _pool(splits: Sequence[Split]) -> Split:
@@ -326,10 +456,20 @@ def run_attacks(
     epochs: int = DEFAULT_EPOCHS,
     learning_rates: Sequence[float] | None = None,
     max_clients: int | None = DEFAULT_MAX_CLIENTS,
+    *,
+    patience: int | None = None,
+    cache_dir: Path | None = None,
+    save_models: bool = False,
 ) -> dict[str, Any]:
     """Run every attack on a finished run; write and return ``attacks.json``'s content.
 
-    ``learning_rates`` default to :data:`DEFAULT_LEARNING_RATES` of the run's optimizer.
+    ``learning_rates`` default to :data:`DEFAULT_LEARNING_RATES` of the run's
+    optimizer; ``patience`` stops a learning rate early (see :func:`finetune`),
+    for the attacks and the references alike. ``cache_dir`` keeps the
+    references (data-only, public corpus), which depend on the clients' data and
+    the test set but not on the strategy. ``save_models`` writes the best
+    attack's and the references' weights to ``<run>/attack-models/`` (0600),
+    e.g. to see what they write (:mod:`fedqsn_flwr.experiments.continuations`).
     """
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     federation = yaml.safe_load((run_dir / "federation.yaml").read_text())
@@ -379,13 +519,33 @@ def run_attacks(
             {"attack": name, metric.name: metric.value(score), "score": score, "detail": detail}
         )
 
+    states: dict[str, dict[str, torch.Tensor]] = {}
+
     def tune(
-        state: Mapping[str, torch.Tensor], data_: Split, seed: int
+        state: Mapping[str, torch.Tensor], data_: Split, seed: int, name: str
     ) -> tuple[float, float, int]:
-        return finetune(model, state, data_, data.test, epochs, rates, seed, metric, optimizer)
+        kept: dict[str, torch.Tensor] | None = {} if save_models else None
+        found = finetune(
+            model,
+            state,
+            data_,
+            data.test,
+            epochs,
+            rates,
+            seed,
+            metric,
+            optimizer,
+            patience=patience,
+            best_state=kept,
+        )
+        if kept is not None:
+            states[name] = kept
+        return found
 
     as_is = {p: metric.evaluate_state(model, proxy.state, data.test) for p, proxy in last.items()}
     best_partition = max(as_is, key=as_is.get)
+    if save_models:
+        states["proxy_as_is"] = dict(last[best_partition].state)
     mean_as_is = metric.value(sum(as_is.values()) / len(as_is))
     record(
         "proxy_as_is",
@@ -395,11 +555,18 @@ def run_attacks(
 
     attacked = sorted(last)[: max_clients or len(last)]
     tuned = {
-        p: tune(last[p].state, client_data(p), derive_seed("attack-finetune", config["seed"], p))
+        p: tune(
+            last[p].state,
+            client_data(p),
+            derive_seed("attack-finetune", config["seed"], p),
+            f"finetune-{p}",
+        )
         for p in attacked
     }
     best_partition = max(tuned, key=lambda p: tuned[p][0])
     score, rate, epoch = tuned[best_partition]
+    if save_models:
+        states["finetune"] = states[f"finetune-{best_partition}"]
     mean_tuned = metric.value(sum(t[0] for t in tuned.values()) / len(tuned))
     record(
         "finetune",
@@ -420,12 +587,20 @@ def run_attacks(
         state, seen = collude(proxies, fill)
         floats = [n for n, t in state.items() if t.is_floating_point()]
         coverage = sum(int(seen[n].sum()) for n in floats) / sum(seen[n].numel() for n in floats)
+        if name == "public_fill" and coverage == 1.0:
+            # nothing unseen to fill: the same model as the collusion's, same scores
+            for kind in ("as_is", "finetune"):
+                twin = next(r for r in results if r["attack"] == f"collusion_{kind}")
+                record(f"{name}_{kind}", twin["score"], "every parameter seen: = collusion")
+            continue
         record(
             f"{name}_as_is",
             metric.evaluate_state(model, state, data.test),
             f"{len(proxies)} proxies pooled; {coverage:.4f} of the parameters seen",
         )
-        score, rate, epoch = tune(state, pooled, derive_seed("attack-collusion", config["seed"]))
+        score, rate, epoch = tune(
+            state, pooled, derive_seed("attack-collusion", config["seed"]), f"{name}_finetune"
+        )
         record(
             f"{name}_finetune",
             score,
@@ -435,8 +610,57 @@ def run_attacks(
     final = read_metrics(run_dir / "metrics.csv")[-1]
     global_score = metric.score(final["global_loss"], final["global_accuracy"])
     best = max(results, key=lambda r: r["score"])
-    reference = data_only_reference(config, data.spec, pooled, data.test, epochs, rates, metric)
+    budget = (epochs, rates, patience)
+    recipe = {
+        k: config.get(k)
+        for k in ("model", "hf-weights", "dropout", "seed", "optimizer", "dataset", "max-length")
+    }
+    recipe |= {"budget": budget, "metric": metric.name, "state": save_models}
+    recipe |= {"torch": torch.__version__}
+    reference = cached(
+        cache_dir,
+        {"reference": "data-only", **recipe},
+        [pooled.x, pooled.y, data.test.x, data.test.y],
+        lambda: data_only_reference(
+            config,
+            data.spec,
+            pooled,
+            data.test,
+            epochs,
+            rates,
+            metric,
+            patience=patience,
+            keep_state=save_models,
+        ),
+    )
     leakage = knowledge_leakage(best["score"], reference["score"], global_score)
+    public_corpus = None
+    if config.get("dataset") in PUBLIC_SERVER_TEXT and config.get("pretrain-epochs", 0) > 0:
+        recipe |= {k: config[k] for k in ("pretrain-epochs", "learning-rate", "batch-size")}
+        public_corpus = cached(
+            cache_dir,
+            {"reference": "public-corpus", **recipe},
+            [data.pretrain.x, pooled.x, pooled.y, data.test.x, data.test.y],
+            lambda: public_corpus_reference(
+                config,
+                data.spec,
+                data.pretrain,
+                pooled,
+                data.test,
+                budget,
+                metric,
+                keep_state=save_models,
+            ),
+        )
+    if save_models:
+        folder = private_dir(run_dir / "attack-models")
+        for label, weights in (
+            ("best_attack", states.get(best["attack"])),
+            ("data_only", reference.get("state")),
+            ("public_corpus", (public_corpus or {}).get("state")),
+        ):
+            if weights is not None:
+                save_private(weights, folder / f"{label}.pt")
     name = metric.name
     report = {
         "run": str(run_dir),
@@ -446,16 +670,23 @@ def run_attacks(
         "best_attack": best["attack"],
         f"best_attack_{name}": best[name],
         "privacy_gap": metric.gap(global_score, best["score"]),
-        "pooled_data_only": reference,
+        "pooled_data_only": {k: v for k, v in reference.items() if k != "state"},
         f"data_only_{name}": reference[name],
         "knowledge_leakage": leakage,
         "no_model_knowledge": leakage is None,
         "epochs": epochs,
         "learning_rates": list(rates),
+        "patience": patience,
         "note": "fine-tuning attacks and data-only pick their best epoch on the test set: "
         "upper bounds"
         + ("; leakage on token loss (log perplexity)" if name == "perplexity" else ""),
     }
+    if public_corpus is not None:
+        report["public_corpus"] = {k: v for k, v in public_corpus.items() if k != "state"}
+        report[f"public_corpus_{name}"] = public_corpus[name]
+        report["public_corpus_leakage"] = knowledge_leakage(
+            best["score"], public_corpus["score"], global_score
+        )
     write_private(run_dir / "attacks.json", json.dumps(report, indent=2))
     return report
 
@@ -516,10 +747,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_MAX_CLIENTS,
         help="fine-tune the proxies of this many clients (lowest partition ids)",
     )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="stop a learning rate after this many epochs without a new best (default: never)",
+    )
+    parser.add_argument(
+        "--save-models",
+        action="store_true",
+        help="write the best attack's and the references' weights to <run>/attack-models/",
+    )
     args = parser.parse_args(argv)
     try:
         report = run_attacks(
-            args.run.expanduser(), args.epochs, args.learning_rates, args.max_clients
+            args.run.expanduser(),
+            args.epochs,
+            args.learning_rates,
+            args.max_clients,
+            patience=args.patience,
+            save_models=args.save_models,
         )
     except (FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

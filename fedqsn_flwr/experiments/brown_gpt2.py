@@ -43,7 +43,7 @@ from fedqsn_flwr.app.brown import (
 
 DEFAULT_OUT = Path.home() / ".cache" / "fedqsn-flwr" / "brown-gpt2"
 #: The architecture of configs/brown-gpt2.yaml (docs/results.md says why this size).
-DEFAULT_SIZES = {"vocab_size": 4096, "n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 128}
+DEFAULT_SIZES = {"vocab_size": 4096, "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 128}
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 MANIFEST = "fedqsn-brown-gpt2.json"
 
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedqsn-brown-gpt2", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model folder to write")
     parser.add_argument("--corpus", default="", help="extracted corpus folder (default: fetch)")
+    parser.add_argument("--quiet", action="store_true", help="print only errors")
     for name, value in DEFAULT_SIZES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
     args = parser.parse_args(argv)
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BrownError, subprocess.CalledProcessError) as err:
         print(f"fedqsn-brown-gpt2: {err}", file=sys.stderr)
         return 1
-    print(f"fedqsn-brown-gpt2: corpus {corpus}, model folder {out}")
+    if not args.quiet:
+        print(f"fedqsn-brown-gpt2: corpus {corpus}, model folder {out}")
     return 0
 
 

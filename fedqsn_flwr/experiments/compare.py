@@ -16,7 +16,11 @@ A comparison preset is a YAML mapping:
   other key as in ``config``. A value may be a mapping of several keys (e.g.
   ``{partitioning: dirichlet, dirichlet-alpha: 0.1}``);
 * ``attack-epochs`` -- optional; epochs of every fine-tuning attack and of the
-  data-only reference (default: :data:`fedqsn_flwr.experiments.attack.DEFAULT_EPOCHS`).
+  data-only reference (default: :data:`fedqsn_flwr.experiments.attack.DEFAULT_EPOCHS`);
+  ``attack-learning-rates``, ``attack-patience``, ``attack-max-clients`` and
+  ``attack-save-models`` -- optional, as ``fedqsn-attack``'s options. The
+  references (data-only, public corpus) are trained once per seed and kept in
+  ``<out>/attack-cache/``.
 
 Every run of a comparison uses one server secret per seed (``server-secret-file``
 under ``<out>/secrets/``, written once), so strategies compare on the same
@@ -86,6 +90,9 @@ SUMMARY_COLUMNS = (
     "finetune_attack_perplexity",
     "collusion_attack_perplexity",
     "public_fill_attack_perplexity",
+    "public_corpus_accuracy",
+    "public_corpus_perplexity",
+    "public_corpus_leakage",
     "best_attack",
     "run_dir",
 )
@@ -99,7 +106,16 @@ ATTACK_COLUMNS = {
     "public_fill_attack": ("public_fill_as_is", "public_fill_finetune"),
 }
 #: Prefixes of the score columns (``<prefix>_accuracy``, ``<prefix>_perplexity``).
-SCORE_PREFIXES = ("global", "server", "proxy", "start", "best_attack", "data_only", *ATTACK_COLUMNS)
+SCORE_PREFIXES = (
+    "global",
+    "server",
+    "proxy",
+    "start",
+    "best_attack",
+    "data_only",
+    "public_corpus",
+    *ATTACK_COLUMNS,
+)
 
 
 def _in_terms_of(column: str, metric: str) -> str:
@@ -109,7 +125,15 @@ def _in_terms_of(column: str, metric: str) -> str:
     return column
 
 
-PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep", "attack-epochs"}
+#: Optional attack settings of a preset: key -> run_attacks argument.
+ATTACK_KEYS = {
+    "attack-epochs": "epochs",
+    "attack-learning-rates": "learning_rates",
+    "attack-patience": "patience",
+    "attack-max-clients": "max_clients",
+    "attack-save-models": "save_models",
+}
+PLAN_KEYS = {"strategies", "seeds", "nodes", "config", "sweep", *ATTACK_KEYS}
 STRATEGY_ENTRY_KEYS = {"strategy", "label", "config"}
 
 
@@ -138,6 +162,8 @@ class Plan:
     runs: list[RunSpec]
     nodes: int
     attack_epochs: int | None = None
+    #: The other attack settings (``run_attacks`` keyword arguments).
+    attack_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _label(value: Any) -> str:
@@ -190,7 +216,46 @@ def load_plan(
     attack_epochs = data.get("attack-epochs")
     if attack_epochs is not None and (not isinstance(attack_epochs, int) or attack_epochs < 1):
         raise ConfigError(f"comparison preset '{path}': 'attack-epochs' must be an integer >= 1")
-    return Plan(runs=runs, nodes=nodes, attack_epochs=attack_epochs)
+    return Plan(
+        runs=runs,
+        nodes=nodes,
+        attack_epochs=attack_epochs,
+        attack_options=_attack_options(data, path),
+    )
+
+
+def _attack_options(data: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The preset's attack-* settings other than the epochs, checked."""
+    options: dict[str, Any] = {}
+    for key in ("attack-patience", "attack-max-clients"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"comparison preset '{path}': '{key}' must be an integer >= 1")
+        options[ATTACK_KEYS[key]] = value
+    rates = data.get("attack-learning-rates")
+    if rates is not None:
+        if (
+            not isinstance(rates, list)
+            or not rates
+            or not all(
+                isinstance(r, int | float) and not isinstance(r, bool) and r > 0 for r in rates
+            )
+        ):
+            raise ConfigError(
+                f"comparison preset '{path}': 'attack-learning-rates' must be a list of "
+                "positive numbers"
+            )
+        options["learning_rates"] = [float(r) for r in rates]
+    save = data.get("attack-save-models")
+    if save is not None:
+        if not isinstance(save, bool):
+            raise ConfigError(
+                f"comparison preset '{path}': 'attack-save-models' must be true or false"
+            )
+        options["save_models"] = save
+    return options
 
 
 def _strategy_entry(entry: Any, path: Path) -> tuple[str, str, dict[str, Any]]:
@@ -252,6 +317,7 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         "best_attack": "",
         "knowledge_leakage": math.nan,
         "privacy_gap": math.nan,
+        "public_corpus_leakage": math.nan,
     }
     attacks_file = run_dir / "attacks.json"
     if attacks_file.exists():
@@ -265,6 +331,10 @@ def _row(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         row[f"data_only_{metric}"] = report.get(f"data_only_{metric}", math.nan)
         leakage = report.get("knowledge_leakage")
         row["knowledge_leakage"] = math.nan if leakage is None else leakage
+        if "public_corpus" in report:
+            row[f"public_corpus_{metric}"] = report[f"public_corpus_{metric}"]
+            leakage = report["public_corpus_leakage"]
+            row["public_corpus_leakage"] = math.nan if leakage is None else leakage
         for prefix, names in ATTACK_COLUMNS.items():
             row[f"{prefix}_{metric}"] = best(value[n] for n in names)
     return row
@@ -352,6 +422,13 @@ HEADLINE_COLUMNS = (
 )
 
 
+#: Headline columns shown when a reference pretrained on the public server text exists.
+PUBLIC_CORPUS_COLUMNS = (
+    ("public_corpus_accuracy", "public corpus"),
+    ("public_corpus_leakage", "leakage vs public corpus"),
+)
+
+
 def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Start, global, proxy, best attack, data only, leakage and bytes (mean ± std).
 
@@ -361,15 +438,20 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """
     metric = comparison_metric(rows)
     suffix = " (perplexity)" if metric == "perplexity" else ""
+    shown = list(HEADLINE_COLUMNS)
+    if any(not math.isnan(float(r.get(f"public_corpus_{metric}", math.nan))) for r in rows):
+        # the server's pretraining text is public: what pretraining on it gives
+        at = shown.index(("knowledge_leakage", "leakage")) + 1
+        shown[at:at] = PUBLIC_CORPUS_COLUMNS
     header = ["strategy", "variant", "seeds"]
-    header += [h + (suffix if c.endswith("_accuracy") else "") for c, h in HEADLINE_COLUMNS]
+    header += [h + (suffix if c.endswith("_accuracy") else "") for c, h in shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (strategy, knob, value), members in groups(rows).items():
         variant = _variant_label(knob, value)
         cells = [strategy, variant, str(len(members))]
-        for column, _ in HEADLINE_COLUMNS:
+        for column, _ in shown:
             values = [float(m[_in_terms_of(column, metric)]) for m in members]
-            if column == "knowledge_leakage":
+            if column.endswith("leakage"):
                 cells.append(_leakage_cell(members, values))
                 continue
             cells.append(_mean_std(values))
@@ -420,10 +502,10 @@ def run_plan(plan: Plan, out: Path, attacks: bool = True) -> list[dict[str, Any]
             wall = time.monotonic() - start
             write_private(run_dir / "compare.json", json.dumps({"wall_seconds": round(wall, 2)}))
         if attacks and not (run_dir / "attacks.json").exists():
-            if plan.attack_epochs is None:
-                run_attacks(run_dir)
-            else:
-                run_attacks(run_dir, epochs=plan.attack_epochs)
+            options = dict(plan.attack_options)
+            if plan.attack_epochs is not None:
+                options["epochs"] = plan.attack_epochs
+            run_attacks(run_dir, cache_dir=out / "attack-cache", **options)
         row = _row(spec, run_dir)
         rows.append(row)
         write_summary(rows, out)

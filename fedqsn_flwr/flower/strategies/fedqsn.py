@@ -131,6 +131,11 @@ class FedQSN(MeasuredFedAvg):
     feedback_clip : float (default: 5.0)
         A client's hidden gradient is clipped to this many times the norm of the
         server's gradient of the same proxy on its own data.
+    proxy_evaluations : int (default: 0)
+        Proxies per round that ``proxy_evaluate_fn`` scores: the first ones
+        built (0: every proxy). Scoring a language model's proxy on a test set
+        can cost more than its client's training; the proxies of a round differ
+        only by their client masks.
     **options
         :class:`~fedqsn_flwr.flower.strategies.fedavg.MeasuredFedAvg`'s options:
         FedAvg's (``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``,
@@ -167,6 +172,7 @@ class FedQSN(MeasuredFedAvg):
         feedback_tolerance: float = 0.02,
         feedback_step: float = 1.0,
         feedback_clip: float = 5.0,
+        proxy_evaluations: int = 0,
         **options: Any,
     ) -> None:
         if options.get("arrayrecord_key", "arrays") != "arrays":
@@ -190,6 +196,9 @@ class FedQSN(MeasuredFedAvg):
             raise ValueError(
                 f"update_bit_width must be one of {UPDATE_BIT_WIDTHS}, got {update_bit_width}"
             )
+        if proxy_evaluations < 0:
+            raise ValueError(f"proxy_evaluations must be >= 0, got {proxy_evaluations}")
+        self.proxy_evaluations = proxy_evaluations
         self.update_bit_width = update_bit_width
         self.device = torch.device(device)
         self.privacy_metrics = privacy_metrics
@@ -334,7 +343,12 @@ class FedQSN(MeasuredFedAvg):
                 continue
             # Everything below looks at what the message carries, decoded as a client would.
             sent, layout = message.content[PROXY_RECORD], message.content[LAYOUT_RECORD]
-            if self.proxy_evaluate_fn is None:
+            scored = self.proxy_evaluate_fn is not None and (
+                not self.proxy_evaluations or len(accuracies) < self.proxy_evaluations
+            )
+            if not scored:
+                if reference is None:
+                    continue
                 # straight from the codes, one tensor at a time: the metrics of a
                 # large model's proxy need no decoded copy of it
                 assert reference is not None
