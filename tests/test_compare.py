@@ -90,7 +90,7 @@ def test_shipped_comparison_presets_expand(tmp_path):
     assert len(brown.runs) == 7 * 3 and brown.attack_epochs == 12
     assert brown.attack_options == {
         "patience": 2,
-        "max_clients": 2,
+        "max_clients": 1,
         "learning_rates": [3e-4, 1e-3, 3e-3],
         "save_models": True,
     }

@@ -25,10 +25,7 @@ private training changed in them (see docs/experiments.md).
 logits`` interface (``x``: token ids, padding = the tokenizer's pad token) and
 lists a tied tensor (GPT-2's output head is its token embedding) once in its
 state dict (:func:`fedqsn_flwr.core.masking.tied_state_once`). The model's own
-dropout settings apply, and the ``dropout`` config key adds dropout exactly
-where the mask policy hides units, as the app's own models do
-(:func:`add_mask_dropout`): a model pretrained that way still works when a
-proxy lacks those units.
+dropout settings apply; the ``dropout`` config key does not.
 
 ``transformers`` is an optional dependency: ``pip install 'fedqsn-flwr[hf]'``.
 """
@@ -42,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedqsn_flwr.core.masking import policy_for_model, tied_state_once
+from fedqsn_flwr.core.masking import tied_state_once
 
 #: ``model`` values starting with this name a local checkpoint folder.
 HF_PREFIX = "hf:"
@@ -114,19 +111,11 @@ class HuggingFaceModel(nn.Module):
     sep_token_id : int, optional
         For models with segment embeddings (BERT): tokens after the first
         separator are the second sentence of a pair (token type 1).
-    mask_dropout : float (default: 0.0)
-        Dropout on the features the default mask policy hides
-        (:func:`add_mask_dropout`), in training only.
 
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        pad_token_id: int,
-        task: str,
-        sep_token_id: int | None = None,
-        mask_dropout: float = 0.0,
+        self, model: nn.Module, pad_token_id: int, task: str, sep_token_id: int | None = None
     ) -> None:
         super().__init__()
         self.model = model
@@ -134,8 +123,6 @@ class HuggingFaceModel(nn.Module):
         self.task = task
         self.sep_token_id = sep_token_id
         tied_state_once(self)
-        if mask_dropout > 0:
-            add_mask_dropout(self, mask_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of (N, T) token ids."""
@@ -148,39 +135,6 @@ class HuggingFaceModel(nn.Module):
             sep = (x == self.sep_token_id).long()
             extra["token_type_ids"] = ((sep.cumsum(dim=1) - sep) > 0).long()
         return self.model(input_ids=x, attention_mask=attention, **extra).logits
-
-
-def add_mask_dropout(model: nn.Module, rate: float) -> None:
-    """Dropout, in training, on every feature axis the default mask policy hides.
-
-    The policy (:func:`~fedqsn_flwr.core.masking.policy_for_model`) hides input
-    features of ``Linear``/``Conv1D`` weights and dimensions of embeddings; a
-    proxy lacks them. Dropping them at ``rate`` while the server pretrains (and
-    clients train) makes the model work without any random share of them, as
-    the app's own models do, so what a client learns on its subnetwork carries
-    over to the whole model. A tied output head (GPT-2's) loses the embedding
-    dimensions with its embedding, so its input is dropped too.
-    """
-    unit_axes = policy_for_model(model).unit_axes
-    params = dict(model.named_parameters(remove_duplicate=False))
-    masked = {id(params[name]) for name in unit_axes if name in params}
-
-    def drop_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not module.training:
-            return args
-        return (nn.functional.dropout(args[0], rate, True), *args[1:])
-
-    def drop_output(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-        return nn.functional.dropout(out, rate, module.training)
-
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or id(weight) not in masked:
-            continue
-        if isinstance(module, nn.Embedding):
-            module.register_forward_hook(drop_output)
-        else:  # Linear (axis 1), Conv1D (axis 0), a tied head: the input features
-            module.register_forward_pre_hook(drop_input)
 
 
 def _positions(config: Any) -> int | None:
@@ -202,13 +156,11 @@ def load_hf_model(
     vocab_size: int,
     max_length: int = 0,
     pretrained: bool = True,
-    mask_dropout: float = 0.0,
 ) -> HuggingFaceModel:
     """The model of ``hf:<folder>`` for ``task``, wrapped as :class:`HuggingFaceModel`.
 
     ``pretrained`` False builds the architecture from ``config.json`` alone
-    (random weights: a client, whose weights come in the proxy);
-    ``mask_dropout`` is :class:`HuggingFaceModel`'s. Seed torch
+    (random weights: a client, whose weights come in the proxy). Seed torch
     first: new weights (a classification head the checkpoint lacks) come from
     torch's generator. ``max_length`` (tokens per example) is checked against
     the positions the model embeds.
@@ -259,4 +211,4 @@ def load_hf_model(
     sep = None
     if getattr(model.config, "type_vocab_size", 1) > 1 and tokenizer.sep_token_id is not None:
         sep = int(tokenizer.sep_token_id)
-    return HuggingFaceModel(model, tokenizer.pad_token_id, task, sep, mask_dropout)
+    return HuggingFaceModel(model, tokenizer.pad_token_id, task, sep)

@@ -335,13 +335,7 @@ def build_model(
         if seed is not None:
             torch.manual_seed(seed)  # a new classification head
         return load_hf_model(
-            name,
-            spec.task,
-            spec.num_classes,
-            spec.vocab_size,
-            spec.shape[0],
-            pretrained,
-            mask_dropout=dropout,
+            name, spec.task, spec.num_classes, spec.vocab_size, spec.shape[0], pretrained
         )
     if spec.task != CLASSIFICATION:
         raise ValueError(
