@@ -351,7 +351,6 @@ class FedQSN(MeasuredFedAvg):
                     continue
                 # straight from the codes, one tensor at a time: the metrics of a
                 # large model's proxy need no decoded copy of it
-                assert reference is not None
                 found = reference.compare_packed(
                     self._exposed_pieces(sent, layout),
                     int(layout["bit-width"]),
