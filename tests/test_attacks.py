@@ -1,28 +1,37 @@
 """Privacy metrics and attacks: exposure bound, collusion, fine-tuning, determinism."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, MessageType
 
+import fedqsn_flwr.experiments.attack as attack
 from fedqsn_flwr.app.config import validate
-from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.models import InputSpec, build_model
 from fedqsn_flwr.app.server import build_strategy, train_config
-from fedqsn_flwr.app.sources import DataKey, generate_mnist1d
+from fedqsn_flwr.app.sources import DataKey, data_key, generate_mnist1d
 from fedqsn_flwr.app.splits import Split, input_spec, load_server_data
 from fedqsn_flwr.app.training import evaluate
 from fedqsn_flwr.core.masking import policy_for_model
+from fedqsn_flwr.core.secret import SECRET_FILE
 from fedqsn_flwr.experiments.attack import (
     ACCURACY,
+    CACHE_VERSION,
+    Metric,
     cached,
     collude,
     data_only_reference,
     finetune,
     knowledge_leakage,
     main,
+    model_files_digest,
+    public_corpus_reference,
     run_attacks,
 )
+from fedqsn_flwr.experiments.inprocess import run_in_process
 from fedqsn_flwr.flower.privacy import hidden_units
 from fedqsn_flwr.flower.proxy import received_model
 from fedqsn_flwr.flower.strategies import FedQSN
@@ -280,3 +289,226 @@ def test_policy_for_fedq_has_no_hidden_units():
         ].numel()
         == 0
     )
+
+
+def test_patience_runs_exactly_the_epochs_its_rule_allows(monkeypatch):
+    """A scripted score per epoch: patience 2 stops each rate after 2 epochs without a best."""
+    trained = []
+    monkeypatch.setattr(attack, "train", lambda *args, **kwargs: trained.append(args[3]))
+    # epoch 0, then rate 0.1: new bests at epochs 1 and 2, none at 3 and 4 -> stops after 4;
+    # rate 0.2: its own best at epoch 1, none at 2 and 3 -> stops after 3 (of 6 each)
+    scores = iter([0.1, 0.2, 0.3, 0.25, 0.28, 0.15, 0.1, 0.12, 0.9, 0.9, 0.9])
+    monkeypatch.setattr(Metric, "evaluate", lambda self, model, data: next(scores))
+    model = torch.nn.Linear(2, 2)
+    found = finetune(model, model.state_dict(), None, None, 6, [0.1, 0.2], 1, patience=2)
+    assert trained == [0.1] * 4 + [0.2] * 3
+    assert found == (0.3, 0.1, 2)
+    assert next(scores) == 0.9  # nothing scored past the stops
+    # without patience every epoch of every rate runs
+    trained.clear()
+    scores = iter([0.0] * 13)
+    finetune(model, model.state_dict(), None, None, 6, [0.1, 0.2], 1)
+    assert len(trained) == 12
+
+
+def test_patience_must_be_at_least_one(tmp_path, capsys):
+    model = torch.nn.Linear(2, 2)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="patience"):
+            finetune(model, model.state_dict(), None, None, 1, [0.1], 1, patience=bad)
+        with pytest.raises(ValueError, match="patience"):
+            run_attacks(tmp_path, patience=bad)  # before any file is read
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--run", str(tmp_path), "--patience", bad])
+        assert exit_.value.code == 2 and "integer >= 1" in capsys.readouterr().err
+
+
+def _mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _tiny_run(tmp_path, strategy="fedavg", name="tiny"):
+    """One round of 2 in-process clients on digits, every message saved."""
+    secret = tmp_path / "server.secret"
+    secret.write_text("attacks")
+    return run_in_process(
+        {
+            "server-secret-file": str(secret),
+            "output-dir": str(tmp_path / "out"),
+            "run-name": name,
+            "strategy": strategy,
+            "num-server-rounds": 1,
+            "pretrain-epochs": 1,
+            "local-epochs": 1,
+            "min-nodes": 2,
+            "fraction-evaluate": 1.0,  # the evaluate messages: the newest global model
+            "seed": 3,
+        },
+        num_nodes=2,
+    )
+
+
+def _score(run, state):
+    """The accuracy of ``state`` on the run's server test set (the scorer's view)."""
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    data = load_server_data(
+        data_key(config),
+        config["seed"],
+        config["test-fraction"],
+        config["pretrain-fraction"],
+        (run / SECRET_FILE).read_bytes(),
+    )
+    model = build_model(config["model"], config["dropout"], spec=data.spec)
+    model.load_state_dict(state)
+    return evaluate(model, data.test)[1]
+
+
+def test_saved_models_are_what_the_report_names_and_the_cache_is_reused(tmp_path, monkeypatch):
+    run = _tiny_run(tmp_path)
+    stale = run / "attack-models"
+    stale.mkdir()
+    (stale / "public_corpus.pt").write_bytes(b"an earlier call's")
+    (stale / "old.pt").write_bytes(b"")
+    cache = tmp_path / "cache"
+    # the colluders pool only the evaluate messages (FedAvg: the model after round 1),
+    # so their as-is model beats the last training proxy; with no fine-tuning epochs
+    # every *_finetune ties with its as-is model, and the first of a tie is the best
+    real_collude = attack.collude
+
+    def evaluate_messages_only(proxies, fill=None):
+        return real_collude({k: v for k, v in proxies.items() if k[1] == "evaluate"}, fill)
+
+    monkeypatch.setattr(attack, "collude", evaluate_messages_only)
+    report = run_attacks(run, epochs=0, max_clients=1, save_models=True, cache_dir=cache)
+    scores = {a["attack"]: a["score"] for a in report["attacks"]}
+    assert report["best_attack"] == "collusion_as_is"
+    assert scores["collusion_as_is"] == scores["collusion_finetune"] > scores["proxy_as_is"]
+    files = {f.name: _mode(f) for f in stale.iterdir()}
+    assert files == {"best_attack.pt": 0o600, "data_only.pt": 0o600}  # stale ones gone
+    assert _mode(stale) == 0o700
+    best = torch.load(stale / "best_attack.pt", weights_only=True)
+    assert _score(run, best) == pytest.approx(report["best_attack_accuracy"])
+    data_only = torch.load(stale / "data_only.pt", weights_only=True)
+    assert _score(run, data_only) == pytest.approx(report["data_only_accuracy"])
+    cached_files = {f.suffix: _mode(f) for f in cache.iterdir()}
+    assert cached_files == {".json": 0o600, ".pt": 0o600} and _mode(cache) == 0o700
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the cached reference should have been reused")
+
+    monkeypatch.setattr(attack, "data_only_reference", no_reference)
+    again = run_attacks(run, epochs=0, max_clients=1, save_models=True, cache_dir=cache)
+    assert again == report
+    assert torch.equal(
+        torch.load(stale / "data_only.pt", weights_only=True)["fc1.weight"],
+        data_only["fc1.weight"],
+    )
+    # without save_models the earlier call's models, which no longer match, are removed
+    monkeypatch.undo()
+    run_attacks(run, epochs=0, max_clients=1)
+    assert list(stale.iterdir()) == []
+
+
+def test_the_saved_best_attack_scores_as_reported_on_a_masked_run(tmp_path, monkeypatch):
+    run = _tiny_run(tmp_path, strategy="fedqsn")
+    report = run_attacks(run, 1, [0.02], 2, patience=1, save_models=True)
+    best = torch.load(run / "attack-models" / "best_attack.pt", weights_only=True)
+    assert _score(run, best) == pytest.approx(report["best_attack_accuracy"])
+    assert report["best_attack_accuracy"] == max(a["accuracy"] for a in report["attacks"])
+
+    # a best attack without weights is an error, and nothing is written
+    def weightless(*args, best_state=None, **kwargs):
+        return 2.0, 0.02, 1  # better than any accuracy, best_state left empty
+
+    monkeypatch.setattr(attack, "finetune", weightless)
+    (run / "attacks.json").unlink()
+    with pytest.raises(RuntimeError, match="no weights were kept for the best attack 'finetune'"):
+        run_attacks(run, 1, [0.02], 2, save_models=True)
+    assert not (run / "attacks.json").exists()
+    assert (run / "attack-models" / "best_attack.pt").exists()  # the earlier call's, untouched
+
+
+def test_public_fill_is_collusion_when_every_parameter_was_seen(tmp_path):
+    run = _tiny_run(tmp_path)
+    report = run_attacks(run, epochs=1, learning_rates=[0.02], max_clients=1)
+    rows = {a["attack"]: a for a in report["attacks"]}
+    for kind in ("as_is", "finetune"):
+        fill, collusion = rows[f"public_fill_{kind}"], rows[f"collusion_{kind}"]
+        assert fill["score"] == collusion["score"]
+        assert fill["accuracy"] == collusion["accuracy"]
+        assert fill["detail"] == "every parameter seen: = collusion"
+    assert "1.0000 of the parameters seen" in rows["collusion_as_is"]["detail"]
+
+
+def test_the_reference_cache_key_holds_the_version_and_the_server_recipe(tmp_path, monkeypatch):
+    run = _tiny_run(tmp_path)
+    described = []
+    real = attack.cached
+
+    def spy(cache_dir, recipe, tensors, compute):
+        described.append(dict(recipe))
+        return real(cache_dir, recipe, tensors, compute)
+
+    monkeypatch.setattr(attack, "cached", spy)
+    run_attacks(run, epochs=0, max_clients=1, cache_dir=tmp_path / "cache")
+    (recipe,) = described
+    assert recipe["cache-version"] == CACHE_VERSION and recipe["reference"] == "data-only"
+    assert recipe["pretrain-epochs"] == 1 and recipe["learning-rate"] == 0.05
+    assert recipe["batch-size"] == 32 and recipe["mnist1d-server-examples"] == 20_000
+    assert recipe["model-files"] is None  # not a Hugging Face folder
+
+
+def test_a_model_folder_changed_in_place_changes_the_cache_key(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"n_layer": 2}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    first = model_files_digest(f"hf:{folder}")
+    assert model_files_digest(f"hf:{folder}") == first
+    stat_before = (folder / "config.json").stat()
+    (folder / "config.json").write_text('{"n_layer": 4}')  # same path, same size
+    os.utime(folder / "config.json", ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns + 1))
+    assert model_files_digest(f"hf:{folder}") != first
+    assert model_files_digest("cnn") is None
+
+
+def test_the_public_corpus_reference_pretrains_then_fine_tunes_reproducibly(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.hf_helpers import save_tiny_checkpoint
+
+    words = [f"w{i}" for i in range(20)]
+    folder = save_tiny_checkpoint(tmp_path / "gpt2", "gpt2", [" ".join(words)], 16, 1)
+    vocab = 25  # 5 special tokens and the 20 words
+    spec = InputSpec("text", (16,), 0, vocab, "causal-lm")
+
+    def blocks(count, seed):
+        # brown-like text a model learns: counting up through the words, from a random start
+        starts = torch.randint(0, 20, (count, 1), generator=torch.Generator().manual_seed(seed))
+        x = 5 + (starts + torch.arange(16)) % 20
+        return Split(x, x.clone())
+
+    config = {
+        "model": f"hf:{folder}",
+        "hf-weights": False,
+        "dropout": 0.0,
+        "seed": 4,
+        "optimizer": "adamw",
+        "pretrain-epochs": 3,
+        "learning-rate": 0.01,
+        "batch-size": 16,
+    }
+    perplexity = Metric("perplexity")
+    corpus, pooled, test = blocks(128, 1), blocks(16, 2), blocks(32, 3)
+    budget = (1, [1e-3], None)
+    found = public_corpus_reference(
+        config, spec, corpus, pooled, test, budget, perplexity, keep_state=True
+    )
+    fresh = build_model(config["model"], 0.0, seed=0, spec=spec, pretrained=False)
+    assert found["as_is"] < perplexity.value(perplexity.evaluate(fresh, test)) / 2
+    assert found["perplexity"] <= found["as_is"]  # epoch 0 is the pretrained model
+    assert perplexity.evaluate_state(fresh, found["state"], test) == pytest.approx(found["score"])
+    again = public_corpus_reference(config, spec, corpus, pooled, test, budget, perplexity)
+    assert again == {k: v for k, v in found.items() if k != "state"}

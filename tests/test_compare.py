@@ -8,7 +8,13 @@ import yaml
 
 from fedqsn_flwr.app.config import ConfigError
 from fedqsn_flwr.app.results import read_metrics
-from fedqsn_flwr.experiments.compare import SUMMARY_COLUMNS, load_plan, main
+from fedqsn_flwr.experiments.compare import (
+    SUMMARY_COLUMNS,
+    headline_markdown,
+    load_plan,
+    main,
+    summary_markdown,
+)
 
 
 def _preset(tmp_path, **content):
@@ -181,3 +187,54 @@ def test_compare_runs_every_strategy_resumes_after_an_interrupt_and_summarises(
     assert main(["--config", str(preset), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("finished earlier, reused") == 5
     assert (out / "summary.csv").read_text() == before
+
+
+def _summary_row(strategy, seed, **values):
+    """A language model's summary row, every number NaN unless given."""
+    row = {c: math.nan for c in SUMMARY_COLUMNS}
+    row |= {"strategy": strategy, "knob": "", "value": "", "seed": seed, "metric": "perplexity"}
+    row |= {"best_attack": "finetune", "run_dir": f"runs/{strategy}__seed{seed}"}
+    row |= {"global_perplexity": 30.0, "best_attack_perplexity": 40.0}
+    row |= {"data_only_perplexity": 60.0, "knowledge_leakage": 0.4}
+    return row | values
+
+
+def _table(markdown):
+    header, _, *lines = markdown.strip().splitlines()
+    names = [c.strip() for c in header.strip("|").split("|")]
+    return {
+        cells[0]: dict(zip(names, cells, strict=True))
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+    }
+
+
+def test_headline_shows_a_dash_where_runs_have_no_public_corpus_reference():
+    corpus = {"public_corpus_perplexity": 50.0, "public_corpus_leakage": 0.25}
+    rows = [
+        _summary_row("fedqsn", 0, **corpus),
+        _summary_row("fedqsn", 1, **(corpus | {"public_corpus_leakage": 0.35})),
+        _summary_row("fedavg", 0),  # NaN: a run without the reference
+        _summary_row("fedq", 0, public_corpus_perplexity="", public_corpus_leakage=""),  # CSV
+        {
+            k: v
+            for k, v in _summary_row("fedsn", 0).items()
+            if not k.startswith("public_corpus")  # a row written before the columns existed
+        },
+    ]
+    markdown = headline_markdown(rows)
+    assert "nan" not in markdown.lower()
+    table = _table(markdown)
+    corpus_cell, leakage_cell = "public corpus (perplexity)", "leakage vs public corpus"
+    assert table["fedqsn"][corpus_cell] == "50.000 ± 0.000"
+    assert table["fedqsn"][leakage_cell] == "0.300 ± 0.071"
+    for strategy in ("fedavg", "fedq", "fedsn"):
+        assert table[strategy][corpus_cell] == "–", strategy
+        assert table[strategy][leakage_cell] == "–", strategy
+        assert table[strategy]["leakage"] == "0.400 ± 0.000", strategy
+    # measured but no knowledge to protect: said so, as for the data-only leakage
+    rows[0]["public_corpus_leakage"] = rows[1]["public_corpus_leakage"] = math.nan
+    table = _table(headline_markdown(rows))
+    assert table["fedqsn"][leakage_cell] == "no model knowledge to protect"
+    # no run with the reference: no such columns
+    assert corpus_cell not in headline_markdown(rows[2:])
+    assert "nan" not in summary_markdown(rows).lower()

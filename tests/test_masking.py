@@ -97,3 +97,75 @@ def test_derived_seeds_are_domain_separated_and_injective():
 def test_a_negative_unit_axis_is_refused():
     with pytest.raises(ValueError, match="unit axes must be 0 or more"):
         MaskPolicy(unit_axes={"w": -1}, unit_counts={"w": 4})
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedqsn_flwr.core.masking import tied_state_once
+
+    config = GPT2Config(vocab_size=64, n_layer=2, n_embd=16, n_head=2, n_positions=16)
+    return tied_state_once(GPT2LMHeadModel(config))
+
+
+def test_shared_residual_mask_hides_the_same_stream_dimensions_in_every_reader():
+    model = _tiny_gpt2()
+    policy = policy_for_model(model, shared_residual_mask=True)
+    readers = {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        *(f"transformer.h.{i}.{t}.weight" for i in (0, 1) for t in ("attn.c_attn", "mlp.c_fc")),
+    }
+    assert set(policy.groups) == readers
+    # the writers' inputs (head outputs, MLP hidden units) keep masks of their own
+    assert "transformer.h.0.attn.c_proj.weight" in policy.unit_axes
+    assert "transformer.h.0.attn.c_proj.weight" not in policy.groups
+    server = draw_server_mask(policy, 0.5, 7)
+    first = server["transformer.wte.weight"]
+    assert first.numel() == 8
+    assert all(torch.equal(server[name], first) for name in readers)
+    assert not all(
+        torch.equal(server[n], server["transformer.h.0.mlp.c_proj.weight"][: first.numel()])
+        for n in ("transformer.h.0.attn.c_proj.weight", "transformer.h.1.attn.c_proj.weight")
+    )
+    client = draw_client_mask(server, 0.25, 9, policy.groups)
+    shared = client["transformer.wte.weight"]
+    assert set(shared.tolist()) < set(first.tolist())
+    assert all(torch.equal(client[name], shared) for name in readers)
+    # without groups the same server mask gives every reader a mask of its own
+    alone = draw_client_mask(server, 0.25, 9)
+    assert any(not torch.equal(alone[name], alone["transformer.wte.weight"]) for name in readers)
+
+
+def test_policies_without_groups_draw_as_before():
+    # groups must not change the draws of ungrouped policies (earlier results and
+    # checkpoints' masks stay reproducible): one draw per tensor, in name order
+    from fedqsn_flwr.core.masking import _generator, _keep
+
+    plain = policy_for_model(_tiny_gpt2())
+    assert dict(plain.groups) == {}
+    generator = _generator(4, "server-mask")
+    expected = {
+        name: _keep(torch.arange(count), 0.3, generator)
+        for name, count in sorted(plain.unit_counts.items())
+    }
+    drawn = draw_server_mask(plain, 0.3, 4)
+    assert all(torch.equal(drawn[n], expected[n]) for n in expected)
+    generator = _generator(5, "client-mask")
+    expected = {n: _keep(u, 0.2, generator) for n, u in sorted(drawn.items())}
+    client = draw_client_mask(drawn, 0.2, 5)
+    assert all(torch.equal(client[n], expected[n]) for n in expected)
+
+
+def test_mask_groups_are_checked():
+    policy = _policy()
+    with pytest.raises(ValueError, match="as many units"):
+        MaskPolicy(
+            policy.unit_axes,
+            policy.unit_counts,
+            groups={"conv2.weight": "g", "fc1.weight": "g"},
+        )
+    with pytest.raises(ValueError, match="not masked"):
+        MaskPolicy(policy.unit_axes, policy.unit_counts, groups={"conv1.weight": "g"})
+    with pytest.raises(ValueError, match="residual stream"):
+        policy_for_model(build_model("cnn"), shared_residual_mask=True)

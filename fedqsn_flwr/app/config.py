@@ -189,6 +189,13 @@ SPEC: dict[str, Key] = {
         lambda v: isinstance(v, bool),
         "also mask the first layer's input features (raw pixels)",
     ),
+    "shared-residual-mask": Key(
+        False,
+        bool,
+        "true or false",
+        lambda v: isinstance(v, bool),
+        "transformers: one mask of the residual stream for all its readers",
+    ),
     "dataset": Key(
         "digits",
         str,

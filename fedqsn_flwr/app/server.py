@@ -305,7 +305,11 @@ def build_strategy(
         common["node_config_fn"] = partition_config(config, data, server_secret)
     if config["strategy"] in ("fedavg", "fedprox"):
         return MeasuredFedAvg(seed=config["seed"], **common)
-    policy = policy_for_model(model, mask_input_layer=config["mask-input-layer"])
+    policy = policy_for_model(
+        model,
+        mask_input_layer=config["mask-input-layer"],
+        shared_residual_mask=config["shared-residual-mask"],
+    )
     masked = config["strategy"] in ("fedqsn", "fedsn")
     if not masked:
         policy = replace(policy, unit_axes={}, unit_counts={})

@@ -42,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,10 @@ class MaskPolicy:
     tied : Mapping[str, str] (default: empty)
         Names that share another tensor (alias -> the name it travels under);
         informational: aliases are not in the state that travels.
+    groups : Mapping[str, str] (default: empty)
+        Masked tensors that read the same features (tensor -> group name): the
+        tensors of one group share every server and client mask, e.g. all the
+        readers of a transformer's residual stream. Unlisted tensors draw alone.
 
     """
 
@@ -79,10 +83,20 @@ class MaskPolicy:
     unit_counts: Mapping[str, int]
     quantized: frozenset[str] = field(default_factory=frozenset)
     tied: Mapping[str, str] = field(default_factory=dict)
+    groups: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.unit_axes) != set(self.unit_counts):
             raise ValueError("unit_axes and unit_counts must name the same tensors")
+        unknown = sorted(set(self.groups) - set(self.unit_axes))
+        if unknown:
+            raise ValueError(f"groups name tensors that are not masked: {unknown}")
+        sizes: dict[str, set[int]] = {}
+        for name, group in self.groups.items():
+            sizes.setdefault(group, set()).add(self.unit_counts[name])
+        uneven = sorted(group for group, counts in sizes.items() if len(counts) > 1)
+        if uneven:
+            raise ValueError(f"the tensors of a mask group must have as many units: {uneven}")
         negative = sorted(name for name, axis in self.unit_axes.items() if axis < 0)
         if negative:
             raise ValueError(f"unit axes must be 0 or more (count from the front): {negative}")
@@ -177,7 +191,19 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPolicy:
+#: Tensors that read a transformer's residual stream (state-dict name patterns):
+#: embeddings, the attention's query/key/value and the MLP's up projections, and
+#: heads on the stream. GPT-2, BERT/RoBERTa and Llama-style names.
+RESIDUAL_READERS = re.compile(
+    r"(^|\.)(wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embed_tokens"
+    r"|c_attn|c_fc|query|key|value|q_proj|k_proj|v_proj|gate_proj|up_proj"
+    r"|intermediate\.dense|lm_head)\.weight$"
+)
+
+
+def policy_for_model(
+    model: nn.Module, mask_input_layer: bool = False, shared_residual_mask: bool = False
+) -> MaskPolicy:
     """Build the default :class:`MaskPolicy` for ``model``.
 
     If the model defines ``fedqsn_unit_axes()`` (state-dict name -> unit axis),
@@ -189,6 +215,11 @@ def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPo
     floating-point *parameter* is quantized; floating-point buffers (BatchNorm's
     running statistics) travel in float32, because rounding a running variance
     to a 4-bit level can make it zero.
+
+    With ``shared_residual_mask``, the tensors that read a transformer's
+    residual stream (:data:`RESIDUAL_READERS`) share one mask of its
+    dimensions, so a proxy lacks the same stream dimensions everywhere instead
+    of a different half in every layer.
 
     Raises
     ------
@@ -236,8 +267,20 @@ def policy_for_model(model: nn.Module, mask_input_layer: bool = False) -> MaskPo
         name for name, tensor in model.named_parameters() if tensor.is_floating_point()
     )
     travelling = {a: n for a, n in aliases.items() if n in state}  # not non-persistent buffers
+    groups: dict[str, str] = {}
+    if shared_residual_mask:
+        groups = {name: "residual" for name in unit_axes if RESIDUAL_READERS.search(name)}
+        if not groups:
+            raise ValueError(
+                f"shared_residual_mask: {type(model).__name__} has no tensor that reads a "
+                "transformer's residual stream (embeddings, query/key/value, MLP up projection)"
+            )
     return MaskPolicy(
-        unit_axes=unit_axes, unit_counts=unit_counts, quantized=quantized, tied=travelling
+        unit_axes=unit_axes,
+        unit_counts=unit_counts,
+        quantized=quantized,
+        tied=travelling,
+        groups=groups,
     )
 
 
@@ -289,28 +332,49 @@ def _keep(units: torch.Tensor, ratio: float, generator: np.random.Generator) -> 
     return torch.sort(units[order[hidden:]]).values
 
 
+def _draws(names: Iterable[str], groups: Mapping[str, str]) -> list[list[str]]:
+    # one draw per group, in the order of the sorted draw keys; without groups
+    # every tensor is its own key, which keeps the draws of ungrouped policies
+    by_key: dict[str, list[str]] = {}
+    for name in sorted(names):
+        by_key.setdefault(groups.get(name, name), []).append(name)
+    return [by_key[key] for key in sorted(by_key)]
+
+
 def draw_server_mask(policy: MaskPolicy, ratio: float, rng: RandomSource) -> UnitMask:
     """Visible units per masked tensor after hiding ``ratio`` (p1) of them.
 
     ``rng``: a numpy ``Generator`` -- FedQSN passes one whose whole state comes
-    from the server secret -- or a public integer seed.
+    from the server secret -- or a public integer seed. The tensors of one of
+    the policy's ``groups`` get the same units.
     """
     generator = _generator(rng, "server-mask")
-    return {
-        name: _keep(torch.arange(count), ratio, generator)
-        for name, count in sorted(policy.unit_counts.items())
-    }
+    mask: UnitMask = {}
+    for members in _draws(policy.unit_counts, policy.groups):
+        visible = _keep(torch.arange(policy.unit_counts[members[0]]), ratio, generator)
+        mask |= dict.fromkeys(members, visible)
+    return mask
 
 
-def draw_client_mask(server_mask: UnitMask, ratio: float, rng: RandomSource) -> UnitMask:
+def draw_client_mask(
+    server_mask: UnitMask,
+    ratio: float,
+    rng: RandomSource,
+    groups: Mapping[str, str] | None = None,
+) -> UnitMask:
     """Units a client sees: ``ratio`` (p2) of the server-visible units hidden again.
 
     ``rng``: a numpy ``Generator`` (FedQSN: from the server secret, the round
     and the client, so every client gets a fresh mask no client can predict)
-    or a public integer seed.
+    or a public integer seed. ``groups``: the policy's mask groups, whose
+    tensors keep sharing their units.
     """
     generator = _generator(rng, "client-mask")
-    return {name: _keep(units, ratio, generator) for name, units in sorted(server_mask.items())}
+    mask: UnitMask = {}
+    for members in _draws(server_mask, groups or {}):
+        visible = _keep(server_mask[members[0]], ratio, generator)
+        mask |= dict.fromkeys(members, visible)
+    return mask
 
 
 def unit_scale(num_units: int, visible: torch.Tensor) -> float:

@@ -70,7 +70,7 @@ from typing import Any
 import torch
 import yaml
 
-from fedqsn_flwr.app.huggingface import CAUSAL_LM
+from fedqsn_flwr.app.huggingface import CAUSAL_LM, hf_folder, is_hf
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.private import private_dir, save_private, write_private
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
@@ -92,6 +92,24 @@ DEFAULT_MAX_CLIENTS = 3
 NO_KNOWLEDGE_MARGIN = 0.02
 #: The small CNN the data-only reference also tries, per input kind.
 SMALL_CNN = {"image": "cnn", "signal": "cnn1d"}
+#: Part of every reference's cache key (:func:`cached`): bump it whenever the
+#: recipe of a reference changes, so references cached by older code are not reused.
+CACHE_VERSION = 2
+#: The config keys that decide a reference beyond its data (in its cache key; a
+#: key the run's config lacks counts as None).
+REFERENCE_KEYS = (
+    "model",
+    "hf-weights",
+    "dropout",
+    "seed",
+    "optimizer",
+    "dataset",
+    "max-length",
+    "pretrain-epochs",
+    "learning-rate",
+    "batch-size",
+    "mnist1d-server-examples",
+)
 
 
 @dataclass(frozen=True)
@@ -290,6 +308,46 @@ def public_corpus_reference(
     return {**found, "state": kept} if kept is not None else found
 
 
+def _check_patience(patience: int | None) -> None:
+    if patience is not None and (
+        not isinstance(patience, int) or isinstance(patience, bool) or patience < 1
+    ):
+        raise ValueError(f"patience must be an integer >= 1 or None, got {patience!r}")
+
+
+def _folder_files(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple(
+        (f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_digest_of(folder: Path, files: tuple[tuple[str, int, int], ...]) -> str:
+    # ``files`` (names, sizes, times) is only the memo key: the digest reads the bytes
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        digest.update(name.encode() + b"\0")
+        with (folder / name).open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def model_files_digest(model: str) -> str | None:
+    """sha256 over every file (name and bytes) of an ``hf:`` model folder; None otherwise.
+
+    The folder decides the architecture (and, with ``hf-weights``, the start) of
+    every reference: a folder replaced at the same path must not reuse them.
+    """
+    if not is_hf(model):
+        return None
+    folder = hf_folder(model).resolve()
+    return _folder_digest_of(folder, _folder_files(folder))
+
+
 def cached(
     cache_dir: Path | None,
     described: Mapping[str, Any],
@@ -298,10 +356,12 @@ def cached(
 ) -> dict[str, Any]:
     """``compute()``, kept under ``cache_dir`` by what decides it (None: no cache).
 
-    The key hashes ``described`` (a JSON-able recipe) and the bytes of
-    ``tensors`` (the data it trains and scores on), so runs of a comparison that
-    share a seed's clients and test set train their references once. A
-    ``"state"`` entry (model weights) is kept beside the JSON.
+    The key hashes ``described`` (a JSON-able recipe: :func:`run_attacks`'s holds
+    :data:`CACHE_VERSION`, the :data:`REFERENCE_KEYS` of the config and, for an
+    ``hf:`` model, :func:`model_files_digest`) and the bytes of ``tensors`` (the
+    data it trains and scores on), so runs of a comparison that share a seed's
+    clients and test set train their references once. A ``"state"`` entry (model
+    weights) is kept beside the JSON.
     """
     if cache_dir is None:
         return compute()
@@ -420,6 +480,7 @@ def finetune(
     a new best of its own (the attacks and the references share the rule).
     ``best_state``, when given, is filled with the best model's weights.
     """
+    _check_patience(patience)
     model.load_state_dict(dict(state))
     best = (metric.evaluate(model, test), 0.0, 0)
     if best_state is not None:
@@ -468,9 +529,12 @@ def run_attacks(
     for the attacks and the references alike. ``cache_dir`` keeps the
     references (data-only, public corpus), which depend on the clients' data and
     the test set but not on the strategy. ``save_models`` writes the best
-    attack's and the references' weights to ``<run>/attack-models/`` (0600),
-    e.g. to see what they write (:mod:`fedqsn_flwr.experiments.continuations`).
+    attack's (the one ``best_attack`` names) and the references' weights to
+    ``<run>/attack-models/`` (0600), e.g. to see what they write
+    (:mod:`fedqsn_flwr.experiments.continuations`). Every call first empties
+    that folder of an earlier call's files, which would not match its report.
     """
+    _check_patience(patience)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     federation = yaml.safe_load((run_dir / "federation.yaml").read_text())
     optimizer = config.get("optimizer", "sgd")
@@ -513,18 +577,24 @@ def run_attacks(
         )[0]
 
     results: list[dict[str, Any]] = []
+    # with save_models, the weights of the best row so far: only a strictly better
+    # row replaces them, so a tie keeps the first, the one max() names as best
+    kept: dict[str, Any] = {"attack": None, "score": -math.inf, "state": None}
 
-    def record(name: str, score: float, detail: str) -> None:
+    def record(
+        name: str, score: float, detail: str, state: Mapping[str, torch.Tensor] | None
+    ) -> None:
         results.append(
             {"attack": name, metric.name: metric.value(score), "score": score, "detail": detail}
         )
-
-    states: dict[str, dict[str, torch.Tensor]] = {}
+        if save_models and score > kept["score"]:
+            kept.update(attack=name, score=score, state=None if state is None else dict(state))
 
     def tune(
-        state: Mapping[str, torch.Tensor], data_: Split, seed: int, name: str
-    ) -> tuple[float, float, int]:
-        kept: dict[str, torch.Tensor] | None = {} if save_models else None
+        state: Mapping[str, torch.Tensor], data_: Split, seed: int
+    ) -> tuple[tuple[float, float, int], dict[str, torch.Tensor] | None]:
+        """(score, rate, epoch) of the fine-tuned ``state``, and its best weights."""
+        weights: dict[str, torch.Tensor] | None = {} if save_models else None
         found = finetune(
             model,
             state,
@@ -536,44 +606,40 @@ def run_attacks(
             metric,
             optimizer,
             patience=patience,
-            best_state=kept,
+            best_state=weights,
         )
-        if kept is not None:
-            states[name] = kept
-        return found
+        return found, weights
 
     as_is = {p: metric.evaluate_state(model, proxy.state, data.test) for p, proxy in last.items()}
     best_partition = max(as_is, key=as_is.get)
-    if save_models:
-        states["proxy_as_is"] = dict(last[best_partition].state)
     mean_as_is = metric.value(sum(as_is.values()) / len(as_is))
     record(
         "proxy_as_is",
         as_is[best_partition],
         f"best of {len(as_is)} clients (partition {best_partition}); mean {mean_as_is:.4f}",
+        last[best_partition].state,
     )
 
     attacked = sorted(last)[: max_clients or len(last)]
-    tuned = {
-        p: tune(
-            last[p].state,
-            client_data(p),
-            derive_seed("attack-finetune", config["seed"], p),
-            f"finetune-{p}",
+    tuned: dict[int, tuple[float, float, int]] = {}
+    best_tuned, best_weights = -math.inf, None
+    for p in attacked:
+        tuned[p], weights = tune(
+            last[p].state, client_data(p), derive_seed("attack-finetune", config["seed"], p)
         )
-        for p in attacked
-    }
+        if tuned[p][0] > best_tuned:  # the first best client's, as max() below picks it
+            best_tuned, best_weights = tuned[p][0], weights
     best_partition = max(tuned, key=lambda p: tuned[p][0])
     score, rate, epoch = tuned[best_partition]
-    if save_models:
-        states["finetune"] = states[f"finetune-{best_partition}"]
     mean_tuned = metric.value(sum(t[0] for t in tuned.values()) / len(tuned))
     record(
         "finetune",
         score,
         f"best of {len(tuned)} clients (partition {best_partition}), lr {rate}, epoch {epoch}; "
         f"mean {mean_tuned:.4f}",
+        best_weights,
     )
+    del best_weights, weights
 
     pooled = _pool([client_data(p) for p in sorted(last)])
     public = build_model(
@@ -589,32 +655,39 @@ def run_attacks(
         coverage = sum(int(seen[n].sum()) for n in floats) / sum(seen[n].numel() for n in floats)
         if name == "public_fill" and coverage == 1.0:
             # nothing unseen to fill: the same model as the collusion's, same scores
+            # (a twin ties with its collusion row, never beats it: its weights are not needed)
             for kind in ("as_is", "finetune"):
                 twin = next(r for r in results if r["attack"] == f"collusion_{kind}")
-                record(f"{name}_{kind}", twin["score"], "every parameter seen: = collusion")
+                record(f"{name}_{kind}", twin["score"], "every parameter seen: = collusion", None)
             continue
         record(
             f"{name}_as_is",
             metric.evaluate_state(model, state, data.test),
             f"{len(proxies)} proxies pooled; {coverage:.4f} of the parameters seen",
+            state,
         )
-        score, rate, epoch = tune(
-            state, pooled, derive_seed("attack-collusion", config["seed"]), f"{name}_finetune"
+        (score, rate, epoch), weights = tune(
+            state, pooled, derive_seed("attack-collusion", config["seed"])
         )
         record(
             f"{name}_finetune",
             score,
             f"fine-tuned on {len(pooled)} pooled examples, lr {rate}, epoch {epoch}",
+            weights,
         )
+        del weights
 
     final = read_metrics(run_dir / "metrics.csv")[-1]
     global_score = metric.score(final["global_loss"], final["global_accuracy"])
-    best = max(results, key=lambda r: r["score"])
+    best = max(results, key=lambda r: r["score"])  # the first of a tie
+    if save_models and (kept["attack"] != best["attack"] or not kept["state"]):
+        raise RuntimeError(
+            f"save_models: no weights were kept for the best attack {best['attack']!r} "
+            f"(kept: {kept['attack']!r}); nothing written"
+        )
     budget = (epochs, rates, patience)
-    recipe = {
-        k: config.get(k)
-        for k in ("model", "hf-weights", "dropout", "seed", "optimizer", "dataset", "max-length")
-    }
+    recipe = {"cache-version": CACHE_VERSION, **{k: config.get(k) for k in REFERENCE_KEYS}}
+    recipe |= {"model-files": model_files_digest(str(config["model"]))}
     recipe |= {"budget": budget, "metric": metric.name, "state": save_models}
     recipe |= {"torch": torch.__version__}
     reference = cached(
@@ -636,7 +709,6 @@ def run_attacks(
     leakage = knowledge_leakage(best["score"], reference["score"], global_score)
     public_corpus = None
     if config.get("dataset") in PUBLIC_SERVER_TEXT and config.get("pretrain-epochs", 0) > 0:
-        recipe |= {k: config[k] for k in ("pretrain-epochs", "learning-rate", "batch-size")}
         public_corpus = cached(
             cache_dir,
             {"reference": "public-corpus", **recipe},
@@ -652,10 +724,15 @@ def run_attacks(
                 keep_state=save_models,
             ),
         )
+    models_dir = run_dir / "attack-models"
+    if models_dir.is_dir():  # an earlier call's models belong to its report, not this one's
+        for file in models_dir.iterdir():
+            if file.is_file() or file.is_symlink():
+                file.unlink()
     if save_models:
-        folder = private_dir(run_dir / "attack-models")
+        folder = private_dir(models_dir)
         for label, weights in (
-            ("best_attack", states.get(best["attack"])),
+            ("best_attack", kept["state"]),
             ("data_only", reference.get("state")),
             ("public_corpus", (public_corpus or {}).get("state")),
         ):
@@ -725,6 +802,17 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -749,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--patience",
-        type=int,
+        type=_at_least_one,
         default=None,
         help="stop a learning rate after this many epochs without a new best (default: never)",
     )

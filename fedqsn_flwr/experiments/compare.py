@@ -363,6 +363,16 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _number(value: Any) -> float:
+    """A summary cell as a float: NaN for a missing one (None, "" of a CSV, or no key)."""
+    if value is None or value == "":
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _mean_std(values: Sequence[float]) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -404,7 +414,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for (strategy, knob, value), members in groups(rows).items():
         variant = _variant_label(knob, value)
         cells = [strategy, variant, str(len(members))]
-        cells += [_mean_std([float(m[c]) for m in members]) for c in columns]
+        cells += [_mean_std([_number(m.get(c)) for m in members]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -439,7 +449,7 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     metric = comparison_metric(rows)
     suffix = " (perplexity)" if metric == "perplexity" else ""
     shown = list(HEADLINE_COLUMNS)
-    if any(not math.isnan(float(r.get(f"public_corpus_{metric}", math.nan))) for r in rows):
+    if any(not math.isnan(_number(r.get(f"public_corpus_{metric}"))) for r in rows):
         # the server's pretraining text is public: what pretraining on it gives
         at = shown.index(("knowledge_leakage", "leakage")) + 1
         shown[at:at] = PUBLIC_CORPUS_COLUMNS
@@ -449,22 +459,35 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for (strategy, knob, value), members in groups(rows).items():
         variant = _variant_label(knob, value)
         cells = [strategy, variant, str(len(members))]
+        attacked = [m.get("best_attack", "") != "" for m in members]
+        # a public-corpus reference exists only where the server's text is public
+        with_corpus = [
+            a and not math.isnan(_number(m.get(f"public_corpus_{metric}")))
+            for a, m in zip(attacked, members, strict=True)
+        ]
         for column, _ in shown:
-            values = [float(m[_in_terms_of(column, metric)]) for m in members]
-            if column.endswith("leakage"):
-                cells.append(_leakage_cell(members, values))
-                continue
-            cells.append(_mean_std(values))
+            values = [_number(m.get(_in_terms_of(column, metric))) for m in members]
+            if column == "knowledge_leakage":
+                cells.append(_leakage_cell(attacked, values))
+            elif column == "public_corpus_leakage":
+                cells.append(_leakage_cell(with_corpus, values))
+            else:
+                cells.append(_mean_std(values))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _leakage_cell(members: Sequence[Mapping[str, Any]], values: Sequence[float]) -> str:
-    """Leakage mean ± std, saying for how many seeds there was no knowledge to protect."""
-    attacked = [m["best_attack"] != "" for m in members]
-    missing = sum(1 for v, a in zip(values, attacked, strict=True) if a and math.isnan(v))
-    if not any(attacked):
+def _leakage_cell(measured: Sequence[bool], values: Sequence[float]) -> str:
+    """Leakage mean ± std, saying for how many seeds there was no knowledge to protect.
+
+    ``measured``: per run, whether it has the figure at all (attacked, and for
+    the public-corpus leakage, with that reference); "–" when none has it. A
+    measured run without a value had no model knowledge to protect.
+    """
+    values = [v for v, m in zip(values, measured, strict=True) if m]
+    if not values:
         return "–"
+    missing = sum(1 for v in values if math.isnan(v))
     if missing == len(values):
         return "no model knowledge to protect"
     cell = _mean_std(values)

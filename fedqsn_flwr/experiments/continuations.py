@@ -12,7 +12,8 @@ the start model they share (the server's pretrained model, from the
 ``pretrain-cache``). With ``--attacks``, the last run's best attack, data-only
 reference and public-corpus reference are continued too (its attack tool run
 with ``--save-models`` / the comparison preset's ``attack-save-models``).
-Prints a Markdown table (``--out`` also writes it).
+Prints a Markdown table (``--out`` also writes it, as a 0600 file: it holds what
+the private models write).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import yaml
 
 from fedqsn_flwr.app.huggingface import hf_folder, load_tokenizer
 from fedqsn_flwr.app.models import build_model
+from fedqsn_flwr.app.private import write_private
 from fedqsn_flwr.app.server import pretrained_path
 from fedqsn_flwr.app.sources import data_key
 from fedqsn_flwr.app.splits import load_server_data
@@ -131,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--runs", nargs="+", type=Path, required=True, help="run folders")
     parser.add_argument("--attacks", action="store_true", help="the last run's attackers too")
-    parser.add_argument("--out", type=Path, help="also write the table here")
+    parser.add_argument("--out", type=Path, help="also write the table here (mode 0600)")
     args = parser.parse_args(argv)
     try:
         text = table([r.expanduser() for r in args.runs], args.attacks)
@@ -140,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(text, end="")
     if args.out:
-        args.out.write_text(text)
+        write_private(args.out.expanduser(), text)
     return 0
 
 

@@ -252,7 +252,7 @@ class FedQSN(MeasuredFedAvg):
     def client_mask(self, server_round: int, partition_id: int, purpose: int = TRAIN) -> UnitMask:
         """The client mask of one client (by partition id) in one round."""
         rng = secret_rng(self.server_secret, "client-mask", server_round, purpose, partition_id)
-        return draw_client_mask(self.server_mask, self.client_mask_ratio, rng)
+        return draw_client_mask(self.server_mask, self.client_mask_ratio, rng, self.policy.groups)
 
     def server_model(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The paper's *server model*: the global model under the server mask only."""
