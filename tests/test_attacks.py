@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, MessageType
 import fedqsn_flwr.experiments.attack as attack
 from fedqsn_flwr.app.config import validate
 from fedqsn_flwr.app.models import InputSpec, build_model
+from fedqsn_flwr.app.results import load_saved_messages
 from fedqsn_flwr.app.server import build_strategy, train_config
 from fedqsn_flwr.app.sources import DataKey, data_key, generate_mnist1d
 from fedqsn_flwr.app.splits import Split, input_spec, load_server_data
@@ -27,12 +28,13 @@ from fedqsn_flwr.experiments.attack import (
     finetune,
     knowledge_leakage,
     main,
+    message_order,
     model_files_digest,
     public_corpus_reference,
     run_attacks,
 )
 from fedqsn_flwr.experiments.inprocess import run_in_process
-from fedqsn_flwr.flower.privacy import hidden_units
+from fedqsn_flwr.flower.privacy import hidden_units, to_global_units
 from fedqsn_flwr.flower.proxy import received_model
 from fedqsn_flwr.flower.strategies import FedQSN
 from tests.helpers import TEST_SECRET, LocalGrid, client_split
@@ -366,6 +368,23 @@ def _score(run, state):
     return evaluate(model, data.test)[1]
 
 
+def test_collusion_keeps_the_newest_message_of_a_round(tmp_path):
+    run = _tiny_run(tmp_path)
+    proxies = {key: received_model(content) for key, content in load_saved_messages(run).items()}
+    assert {kind for _, kind, _ in proxies} == {"train", "evaluate"}
+    model, seen = collude(proxies)
+    # FedAvg sends everything: round 1's evaluate message holds the model trained in
+    # round 1, newer than the train message sent before it (a plain sort of the keys
+    # puts "evaluate" first and let the older model win)
+    newest = to_global_units(proxies[(1, "evaluate", 1)])
+    oldest = to_global_units(proxies[(1, "train", 1)])
+    assert all(seen[name].all() for name in model)
+    assert all(torch.equal(model[name], newest[name]) for name in newest)
+    assert any(not torch.equal(newest[name], oldest[name]) for name in newest)
+    keys = sorted(proxies, key=message_order)
+    assert [k[1] for k in keys] == ["train", "train", "evaluate", "evaluate"]
+
+
 def test_saved_models_are_what_the_report_names_and_the_cache_is_reused(tmp_path, monkeypatch):
     run = _tiny_run(tmp_path)
     stale = run / "attack-models"
@@ -373,15 +392,10 @@ def test_saved_models_are_what_the_report_names_and_the_cache_is_reused(tmp_path
     (stale / "public_corpus.pt").write_bytes(b"an earlier call's")
     (stale / "old.pt").write_bytes(b"")
     cache = tmp_path / "cache"
-    # the colluders pool only the evaluate messages (FedAvg: the model after round 1),
-    # so their as-is model beats the last training proxy; with no fine-tuning epochs
-    # every *_finetune ties with its as-is model, and the first of a tie is the best
-    real_collude = attack.collude
-
-    def evaluate_messages_only(proxies, fill=None):
-        return real_collude({k: v for k, v in proxies.items() if k[1] == "evaluate"}, fill)
-
-    monkeypatch.setattr(attack, "collude", evaluate_messages_only)
+    # the colluders' newest messages are the evaluate ones (FedAvg: the model after
+    # round 1), so their as-is model beats the last training proxy; with no
+    # fine-tuning epochs every *_finetune ties with its as-is model, and the first
+    # of a tie is the best
     report = run_attacks(run, epochs=0, max_clients=1, save_models=True, cache_dir=cache)
     scores = {a["attack"]: a["score"] for a in report["attacks"]}
     assert report["best_attack"] == "collusion_as_is"

@@ -81,6 +81,9 @@ def test_flwr_run_stream_runs_this_app_and_the_own_app_example(tmp_path):
         accuracy = [float(a) for a in re.findall(r"global accuracy ([0-9.]+)", output)]
         assert len(accuracy) == 6 and accuracy[-1] > 0.8, output[-3000:]
         assert "eval_acc" in output and "rejected reply" not in output
+        # a standard app (no @app.query handler) runs without a single traceback
+        assert "Traceback" not in output and "No query function" not in output, output[-3000:]
+        assert output.count("Partition ids:") <= 1
     finally:
         for pid in _listening_pids(LOCAL_SUPERLINK_PORT):
             os.kill(pid, 15)

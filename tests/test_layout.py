@@ -63,6 +63,26 @@ def test_library_installs_without_the_app_and_experiment_packages():
     assert {"app", "experiments", "bench", "dev", "hf"} <= set(project["optional-dependencies"])
 
 
+def test_the_installed_library_pins_nothing_exactly():
+    """The library's own requirements are ranges: it installs beside any Flower app.
+
+    Read from the installed metadata (what pip resolves against), not the source.
+    """
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    library = [Requirement(r) for r in requires("fedqsn-flwr") or [] if "extra ==" not in r]
+    assert {r.name for r in library} >= {"flwr", "torch", "numpy", "numba"}
+    for requirement in library:
+        exact = [s for s in requirement.specifier if s.operator in ("==", "===", "~=")]
+        assert not exact, f"{requirement}: an exact pin belongs to the app extra"
+    by_name = {r.name: r.specifier for r in library}
+    # the torch of Flower's quickstart-pytorch (2.8.0) and this project's pin (2.14.1)
+    assert by_name["torch"].contains("2.8.0") and by_name["torch"].contains("2.14.1")
+    assert by_name["flwr"].contains("1.42.0") and not by_name["flwr"].contains("1.41.0")
+
+
 @pytest.mark.slow  # a fresh Python process
 def test_library_imports_and_runs_with_the_extras_missing():
     """Import the library and build a FedQSN round with every extra-only package blocked."""

@@ -110,6 +110,11 @@ def test_own_app_trains_and_evaluates_with_flower_defaults(own_app, capsys, capl
     assert "eval_acc" in caplog.text and "train_loss" in caplog.text
     # no message carried plain arrays: every client got a proxy
     assert all("arrays" not in m.content.array_records for m in evaluated)
+    # an app without a query handler is never sent a query (each would be an error
+    # with a traceback on its node): one INFO line says what stands in
+    assert not [m for m in grid.received if m.metadata.message_type == MessageType.QUERY]
+    assert caplog.text.count("Partition ids:") == 1
+    assert "partition_query is off" in caplog.text
 
 
 def _first_proxy(client_app, task):

@@ -116,6 +116,7 @@ def test_hidden_units_of_the_global_model_never_move(base_config):
         min_train_nodes=3,
         min_available_nodes=3,
         node_config_fn=rows_for(base_config),
+        partition_query=True,
     )
     start = {k: v.clone() for k, v in model.state_dict().items()}
     result = strategy.start(LocalGrid(3, base_config), ArrayRecord(start), num_rounds=2)

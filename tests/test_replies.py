@@ -297,6 +297,7 @@ def test_absurd_example_counts_are_refused_by_the_default_bound(base_config):
         min_train_nodes=3,
         min_available_nodes=3,
         node_config_fn=rows_for(config),
+        partition_query=True,
     )
     grid = LocalGrid(3, config)
     messages = list(strategy.configure_train(1, ArrayRecord(state), train_config(config), grid))

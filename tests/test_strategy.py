@@ -41,6 +41,7 @@ def _strategy(num_nodes, config, seed=3, secret=TEST_SECRET):
         min_train_nodes=num_nodes,
         min_available_nodes=num_nodes,
         node_config_fn=rows_for(config, secret),
+        partition_query=True,
     )
     return strategy, model.state_dict()
 
@@ -172,6 +173,7 @@ def test_absurd_num_examples_and_outlier_norms_are_rejected(base_config, caplog)
         max_num_examples=10_000,
         max_update_norm_ratio=5.0,
         node_config_fn=rows_for(base_config),
+        partition_query=True,
     )
     state = model.state_dict()
     grid = LocalGrid(

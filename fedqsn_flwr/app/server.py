@@ -288,6 +288,7 @@ def build_strategy(
         "message_sink": message_sink,
         "max_num_examples": config["max-num-examples"],
         "max_update_norm_ratio": config["max-update-norm-ratio"] or math.inf,
+        "partition_query": True,  # this project's ClientApp answers it
     }
     if config["hidden-feedback"] and config["strategy"] not in ("fedsn", "fedqsn"):
         raise ConfigError(

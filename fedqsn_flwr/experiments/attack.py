@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 import yaml
+from flwr.app import MessageType
 
 from fedqsn_flwr.app.huggingface import CAUSAL_LM, hf_folder, is_hf
 from fedqsn_flwr.app.models import build_model
@@ -85,6 +86,8 @@ from fedqsn_flwr.flower.protocol import PARTITION_ROWS_KEY
 from fedqsn_flwr.flower.proxy import Proxy, received_model
 
 DEFAULT_EPOCHS = 10
+#: Within a round the server sends train messages before evaluate ones.
+_KIND_ORDER = {MessageType.TRAIN: 0, MessageType.EVALUATE: 1}
 #: Fine-tuning learning rates the attacks search, per ``optimizer`` of the run.
 DEFAULT_LEARNING_RATES = {"sgd": (0.005, 0.02, 0.05), "adamw": (1e-4, 5e-4, 2e-3)}
 DEFAULT_MAX_CLIENTS = 3
@@ -425,19 +428,30 @@ def public_generator_model(config: Mapping[str, Any], spec: Any) -> dict[str, to
     return {k: v.clone() for k, v in state.items()}
 
 
+def message_order(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Sort key of ``(round, kind, partition)``: the order the server sent them.
+
+    Within a round the evaluate message carries the model aggregated from that
+    round's training, so it is newer than the train message; a plain sort puts
+    "evaluate" first and would let the older proxy win.
+    """
+    server_round, kind, *rest = key
+    return (server_round, _KIND_ORDER.get(kind, len(_KIND_ORDER)), kind, *rest)
+
+
 def collude(
     proxies: Mapping[tuple[Any, ...], Proxy],
     fill: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Pool proxies into one model in global units; keys sort in round order.
+    """Pool proxies, keyed ``(round, kind, partition)``, into one model in global units.
 
     Returns the model and, per tensor, a boolean tensor of the entries some
-    client saw. Later rounds overwrite earlier ones. Unseen entries hold
-    ``fill`` (or 0).
+    client saw. Newer messages overwrite older ones (:func:`message_order`).
+    Unseen entries hold ``fill`` (or 0).
     """
     model: dict[str, torch.Tensor] = {}
     seen: dict[str, torch.Tensor] = {}
-    for key in sorted(proxies):
+    for key in sorted(proxies, key=message_order):
         proxy = proxies[key]
         values = to_global_units(proxy)
         for name, tensor in values.items():

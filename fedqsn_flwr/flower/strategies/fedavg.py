@@ -115,6 +115,13 @@ class MeasuredFedAvg(FedAvg):
         evaluate message; its items join that message's config only (this
         project's app sends each client the rows it holds). Counted in the
         message's bytes.
+    partition_query : bool (default: False)
+        Ask every new node for its partition id with a Flower ``query`` message,
+        so that sampling, client masks and ``node_config_fn`` follow data
+        partitions rather than Flower's node ids. Needs a ClientApp with an
+        ``@app.query`` handler that answers it (this project's app has one); a
+        ClientApp without one would log an error per node. Off: a node's
+        partition id is its node id.
 
     Resuming: after :meth:`restore` with a checkpoint taken after round ``n``,
     :meth:`start` runs rounds ``n + 1 .. num_rounds`` through Flower's own round
@@ -142,6 +149,7 @@ class MeasuredFedAvg(FedAvg):
         max_num_examples: float = 1e9,
         max_update_norm_ratio: float = 10.0,
         node_config_fn: NodeConfigFn | None = None,
+        partition_query: bool = False,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -161,6 +169,7 @@ class MeasuredFedAvg(FedAvg):
         self.max_num_examples = max_num_examples
         self.max_update_norm_ratio = max_update_norm_ratio
         self.node_config_fn = node_config_fn
+        self.partition_query = partition_query
         self._model_norm = math.inf
         #: Nodes whose partition claim was refused: they are never sampled.
         self.refused: dict[int, str] = {}
@@ -170,6 +179,7 @@ class MeasuredFedAvg(FedAvg):
         self.message_sink = message_sink
         self.partition_ids: dict[int, int] = {}
         self._query_timeout: float = 60.0
+        self._told_fallback = False
         self.num_partitions = 0  # as reported by the nodes (0: unknown)
         self.message_log: list[MessageEntry] = []
         self.round_log: dict[int, dict[str, float]] = {}
@@ -284,6 +294,11 @@ class MeasuredFedAvg(FedAvg):
         unknown = [n for n in node_ids if n not in self.partition_ids and n not in self.refused]
         if not unknown:
             return
+        if not self.partition_query:
+            if not self.partition_ids:
+                log(INFO, "Partition ids: Flower's node ids (partition_query is off)")
+            self.partition_ids.update((n, n) for n in unknown)
+            return
         queries = [
             Message(
                 content=RecordDict({"config": ConfigRecord({QUERY_ASK_KEY: PARTITION_ID_KEY})}),
@@ -313,9 +328,17 @@ class MeasuredFedAvg(FedAvg):
                 del self.partition_ids[owner]  # its node is gone
             self.partition_ids[node_id] = partition
             self.num_partitions = max(self.num_partitions, partitions)
-        for node_id in unknown:
-            if node_id not in self.refused:
-                self.partition_ids.setdefault(node_id, node_id)
+        unanswered = [n for n in unknown if n not in self.refused and n not in self.partition_ids]
+        if unanswered and not self._told_fallback:
+            self._told_fallback = True
+            log(
+                INFO,
+                "Partition ids: %d node(s) did not answer the partition query; their node id "
+                "stands in",
+                len(unanswered),
+            )
+        for node_id in unanswered:
+            self.partition_ids[node_id] = node_id
 
     def _refuse(self, node_id: int, why: str) -> None:
         self.refused[node_id] = why
