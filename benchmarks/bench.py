@@ -227,7 +227,9 @@ def speed_cases(
     visible = {k: v.to(device) for k, v in _client_mask(policy).items()}
     times = _best_times(
         {
-            "build": lambda: encode_proxy(state, policy, visible, BIT_WIDTH, BLOCK_SIZE),
+            "build": lambda: encode_proxy(
+                state, policy, visible, bit_width=BIT_WIDTH, block_size=BLOCK_SIZE
+            ),
             "quantize_pack": lambda: [quantize_packed(t, BIT_WIDTH, BLOCK_SIZE) for t in floats],
             "bnb_quantize": lambda: [
                 bnb.quantize_4bit(t, quant_type="nf4", blocksize=BLOCK_SIZE) for t in floats
@@ -237,7 +239,9 @@ def speed_cases(
         repeats,
         device,
     )
-    arrays, layout, _ = encode_proxy(state, policy, visible, BIT_WIDTH, BLOCK_SIZE)
+    arrays, layout, _ = encode_proxy(
+        state, policy, visible, bit_width=BIT_WIDTH, block_size=BLOCK_SIZE
+    )
     quantized = [bnb.quantize_4bit(t, quant_type="nf4", blocksize=BLOCK_SIZE) for t in floats]
     model = {k: v.clone() for k, v in state.items()}  # the client's model, already touched
     unpack = _best_times(
@@ -340,7 +344,12 @@ def byte_cases(label: str, state: Mapping[str, torch.Tensor], policy: MaskPolicy
     ups: dict[int, int] = {}
     for update_bits in (16, 32, 4):
         proxy_arrays, layout, _ = encode_proxy(
-            state, policy, visible, BIT_WIDTH, BLOCK_SIZE, update_bits
+            state,
+            policy,
+            visible,
+            bit_width=BIT_WIDTH,
+            block_size=BLOCK_SIZE,
+            update_bit_width=update_bits,
         )
         down = message_bytes(
             Message(
@@ -499,7 +508,7 @@ class _NodeGrid:
         return replies
 
 
-def _large_strategy(name: str, model: nn.Module, num_nodes: int) -> Any:
+def _large_strategy(name: str, model: nn.Module, num_nodes: int, privacy: bool = True) -> Any:
     from fedqsn_flwr.flower.strategies import FedQSN, MeasuredFedAvg
 
     common: dict[str, Any] = {
@@ -517,7 +526,7 @@ def _large_strategy(name: str, model: nn.Module, num_nodes: int) -> Any:
         block_size=BLOCK_SIZE,
         seed=0,
         server_secret=BENCH_SECRET,
-        privacy_metrics=True,  # the app's setting (the library's default is off)
+        privacy_metrics=privacy,  # on: the app's setting (the library's default is off)
         **common,
     )
 
@@ -545,10 +554,10 @@ def _with_id(message: Message) -> Message:
     return message
 
 
-def _server_seconds(name: str, model: nn.Module, num_nodes: int) -> float:
+def _server_seconds(name: str, model: nn.Module, num_nodes: int, privacy: bool = True) -> float:
     """One training round of strategy ``name``: configure_train + aggregate_train per client."""
     state = model.state_dict()
-    strategy = _large_strategy(name, model, num_nodes)
+    strategy = _large_strategy(name, model, num_nodes, privacy)
     grid = _NodeGrid(num_nodes)
     arrays = ArrayRecord(dict(state))
     messages = list(strategy.configure_train(1, arrays, _train_config(), grid))
@@ -576,17 +585,38 @@ def large_server_cases(num_nodes: int = 20, repeats: int = 2) -> list[Case]:
     state = model.state_dict()
     visible = _client_mask(policy)
     cpu = torch.device("cpu")
-    seconds = {"fedavg": _server_seconds("fedavg", model, num_nodes), "fedqsn": math.inf}
+    seconds = {
+        "fedavg": _server_seconds("fedavg", model, num_nodes),
+        "fedqsn": math.inf,
+        "quiet": math.inf,
+    }
     build = math.inf
     for _ in range(repeats):
         times = _best_times(
-            {"build": lambda: encode_proxy(state, policy, visible, BIT_WIDTH, BLOCK_SIZE)}, 1, cpu
+            {
+                "build": lambda: encode_proxy(
+                    state, policy, visible, bit_width=BIT_WIDTH, block_size=BLOCK_SIZE
+                )
+            },
+            1,
+            cpu,
         )
         build = min(build, times["build"])
         seconds["fedqsn"] = min(seconds["fedqsn"], _server_seconds("fedqsn", model, num_nodes))
+        quiet = _server_seconds("fedqsn", model, num_nodes, privacy=False)
+        seconds["quiet"] = min(seconds["quiet"], quiet)
     detail = f"{num_nodes} clients, configure_train + aggregate_train, with privacy metrics"
     dev = _device_name(cpu)
     return [
+        _case(
+            "server_seconds_per_client_no_privacy_metrics_vs_proxy_build_bert-base-like",
+            seconds["quiet"],
+            build,
+            "<= 2",
+            dev,
+            "seconds per client",
+            f"as below, privacy_metrics=False (the library's default), best of {repeats}",
+        ),
         _case(
             "server_seconds_per_client_vs_fedavg_bert-base-like",
             seconds["fedqsn"],
@@ -652,7 +682,9 @@ def _decode_times(
 ) -> dict[str, float]:
     """A client's decode of a proxy into its model vs loading FedAvg's arrays."""
     state = model.state_dict()
-    arrays, layout, _ = encode_proxy(state, policy, dict(visible), BIT_WIDTH, BLOCK_SIZE)
+    arrays, layout, _ = encode_proxy(
+        state, policy, dict(visible), bit_width=BIT_WIDTH, block_size=BLOCK_SIZE
+    )
     plain = ArrayRecord(dict(state))
     client = {k: v.clone() for k, v in state.items()}  # the client's model, touched
     return _best_times(
@@ -675,7 +707,9 @@ def _hf_model_cases(label: str, model: nn.Module, repeats: int, num_nodes: int) 
     what = f"{numel:,} parameters, p1=p2={P1}, NF{BIT_WIDTH}, block {BLOCK_SIZE}"
     build = _best_times(
         {
-            "proxy": lambda: encode_proxy(state, policy, visible, BIT_WIDTH, BLOCK_SIZE),
+            "proxy": lambda: encode_proxy(
+                state, policy, visible, bit_width=BIT_WIDTH, block_size=BLOCK_SIZE
+            ),
             "fedavg": lambda: ArrayRecord(dict(state)),
         },
         repeats,
@@ -686,8 +720,21 @@ def _hf_model_cases(label: str, model: nn.Module, repeats: int, num_nodes: int) 
     server = {
         "fedavg": _server_seconds("fedavg", model, num_nodes),
         "fedqsn": min(_server_seconds("fedqsn", model, num_nodes) for _ in range(repeats)),
+        "quiet": min(
+            _server_seconds("fedqsn", model, num_nodes, privacy=False) for _ in range(repeats)
+        ),
     }
     return [
+        _case(
+            f"server_seconds_per_client_no_privacy_metrics_vs_proxy_build_{label}",
+            server["quiet"],
+            build["proxy"],
+            "<= 2",
+            dev,
+            "seconds per client",
+            f"{num_nodes} clients, privacy_metrics=False (the library's default); baseline: "
+            "building one client's proxy, same run",
+        ),
         _case(
             f"proxy_build_vs_fedavg_message_{label}",
             build["proxy"],

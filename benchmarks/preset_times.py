@@ -27,7 +27,8 @@ import time
 import torch
 from torch import nn
 
-from fedqsn_flwr.app.models import InputSpec, build_model
+from fedqsn_flwr.app.base import InputSpec
+from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.training import task_loss
 
 NODES, PARALLEL = 10, 2

@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from fedqsn_flwr.app.base import Split
 from fedqsn_flwr.app.config import validate
 from fedqsn_flwr.app.models import build_model
-from fedqsn_flwr.app.server import build_strategy, partition_config, server_data, train_config
-from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data, partition_rows
+from fedqsn_flwr.app.server import build_strategy, partition_config, train_config
+from fedqsn_flwr.app.splits import load_client_data, load_server_data, partition_rows, server_data
 from fedqsn_flwr.core.secret import from_text
 from fedqsn_flwr.experiments.inprocess import InProcessGrid as LocalGrid
 from fedqsn_flwr.experiments.inprocess import Tamper
@@ -38,12 +39,33 @@ def client_split(
     secret: bytes = TEST_SECRET,
 ) -> tuple[Split, Split]:
     """A client's (train, local evaluation) splits, with the rows its server would send."""
-    data = load_server_data(dataset, seed, test_fraction, pretrain_fraction, secret)
+    data = load_server_data(
+        dataset,
+        seed=seed,
+        test_fraction=test_fraction,
+        pretrain_fraction=pretrain_fraction,
+        secret=secret,
+    )
     rows = None
     if data.pool_rows is not None:
-        cut = partition_rows(data, secret, seed, num_partitions, partitioning, alpha)
+        cut = partition_rows(
+            data,
+            secret=secret,
+            seed=seed,
+            num_partitions=num_partitions,
+            partitioning=partitioning,
+            alpha=alpha,
+        )
         rows = tuple(cut[partition].tolist())
-    return load_client_data(dataset, seed, partition, num_partitions, partitioning, alpha, rows)
+    return load_client_data(
+        dataset,
+        seed=seed,
+        partition_id=partition,
+        num_partitions=num_partitions,
+        partitioning=partitioning,
+        alpha=alpha,
+        rows=rows,
+    )
 
 
 def run_local(base_config: dict[str, Any], rounds: int = 2, **overrides: Any) -> tuple:

@@ -9,12 +9,13 @@ import torch
 from flwr.app import ArrayRecord, MessageType
 
 import fedqsn_flwr.experiments.attack as attack
+from fedqsn_flwr.app.base import InputSpec, Split
 from fedqsn_flwr.app.config import validate
-from fedqsn_flwr.app.models import InputSpec, build_model
+from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.results import load_saved_messages
 from fedqsn_flwr.app.server import build_strategy, train_config
 from fedqsn_flwr.app.sources import DataKey, data_key, generate_mnist1d
-from fedqsn_flwr.app.splits import Split, input_spec, load_server_data
+from fedqsn_flwr.app.splits import input_spec, load_server_data
 from fedqsn_flwr.app.training import evaluate
 from fedqsn_flwr.core.masking import policy_for_model
 from fedqsn_flwr.core.secret import SECRET_FILE
@@ -123,7 +124,13 @@ def test_exposure_grows_but_never_exceeds_its_bound(base_config):
 def test_finetuning_attack_improves_on_the_proxy_as_is(base_config):
     strategy, grid, _, _ = _federation(base_config, rounds=1, p1=0.5, p2=0.5, plant=False)
     proxy = _received(grid)[(1, MessageType.TRAIN, 0)]
-    test = load_server_data("digits", base_config["seed"], 0.2, 0.1, TEST_SECRET).test
+    test = load_server_data(
+        "digits",
+        seed=base_config["seed"],
+        test_fraction=0.2,
+        pretrain_fraction=0.1,
+        secret=TEST_SECRET,
+    ).test
     own = client_split("digits", base_config["seed"], 0.2, 0.1, 0, 3)[0]
     model = build_model("cnn")
     model.load_state_dict(proxy.state)
@@ -135,7 +142,13 @@ def test_finetuning_attack_improves_on_the_proxy_as_is(base_config):
 
 
 def test_patience_stops_a_learning_rate_and_the_best_state_is_kept(base_config):
-    test = load_server_data("digits", base_config["seed"], 0.2, 0.1, TEST_SECRET).test
+    test = load_server_data(
+        "digits",
+        seed=base_config["seed"],
+        test_fraction=0.2,
+        pretrain_fraction=0.1,
+        secret=TEST_SECRET,
+    ).test
     own = client_split("digits", base_config["seed"], 0.2, 0.1, 0, 3)[0]
     model = build_model("cnn", seed=0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -358,10 +371,10 @@ def _score(run, state):
     config = yaml.safe_load((run / "config.yaml").read_text())
     data = load_server_data(
         data_key(config),
-        config["seed"],
-        config["test-fraction"],
-        config["pretrain-fraction"],
-        (run / SECRET_FILE).read_bytes(),
+        seed=config["seed"],
+        test_fraction=config["test-fraction"],
+        pretrain_fraction=config["pretrain-fraction"],
+        secret=(run / SECRET_FILE).read_bytes(),
     )
     model = build_model(config["model"], config["dropout"], spec=data.spec)
     model.load_state_dict(state)

@@ -18,6 +18,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from fedqsn_flwr.app.base import IGNORE_INDEX
 from fedqsn_flwr.app.brown import (  # noqa: E402
     IMAGINATIVE,
     INFORMATIVE,
@@ -29,7 +30,7 @@ from fedqsn_flwr.app.brown import (  # noqa: E402
     read_document,
 )
 from fedqsn_flwr.app.config import DEFAULTS, ConfigError, validate  # noqa: E402
-from fedqsn_flwr.app.huggingface import IGNORE_INDEX, load_tokenizer  # noqa: E402
+from fedqsn_flwr.app.huggingface import load_tokenizer
 from fedqsn_flwr.app.models import build_model  # noqa: E402
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics  # noqa: E402
 from fedqsn_flwr.app.sources import DataKey, lm_blocks, load_raw  # noqa: E402
@@ -184,7 +185,9 @@ def test_ten_clients_get_one_genre_each_and_whole_documents(folder):
     secret = b"a" * 32
     data = _brown_server(key, secret, 0.16)
     raw = load_raw(key)
-    parts = partition_rows(data, secret, 0, 10, "genre", 0.5)
+    parts = partition_rows(
+        data, secret=secret, seed=0, num_partitions=10, partitioning="genre", alpha=0.5
+    )
     rows = np.concatenate(parts)
     assert len(rows) == len(set(rows.tolist())) == len(data.pool_rows)
     assert set(rows.tolist()) == set(data.pool_rows.tolist())
@@ -193,9 +196,16 @@ def test_ten_clients_get_one_genre_each_and_whole_documents(folder):
     genres = ["".join(sorted({raw.genres[d] for d in docs})) for docs in owners]
     # k l n p earn two clients each, m and r one: non-IID by genre
     assert sorted(genres) == ["k", "k", "l", "l", "m", "n", "n", "p", "p", "r"]
-    assert partition_rows(data, secret, 0, 10, "genre", 0.5)[0].tolist() == parts[0].tolist()
+    assert (
+        partition_rows(
+            data, secret=secret, seed=0, num_partitions=10, partitioning="genre", alpha=0.5
+        )[0].tolist()
+        == parts[0].tolist()
+    )
     # iid deals the documents out: every client then mixes genres
-    iid = partition_rows(data, secret, 0, 10, "iid", 0.5)
+    iid = partition_rows(
+        data, secret=secret, seed=0, num_partitions=10, partitioning="iid", alpha=0.5
+    )
     assert all(len({raw.genres[d] for d in raw.documents[p]}) > 1 for p in iid)
 
 

@@ -12,6 +12,7 @@ from fedqsn_flwr import (
     FedQSN,
     decode_proxy,
     encode_update,
+    freeze_hidden,
     policy_for_model,
 )
 from fedqsn_flwr.app.splits import load_server_data
@@ -41,21 +42,16 @@ class UserNet(nn.Module):
 def user_train(message: Message, context, config) -> Message:
     """What a user writes in their ClientApp's @app.train()."""
     partition = int(context.node_config["partition-id"])
-    pool = load_server_data("digits", 0, 0.2, 0.1, TEST_SECRET).pool
+    pool = load_server_data(
+        "digits", seed=0, test_fraction=0.2, pretrain_fraction=0.1, secret=TEST_SECRET
+    ).pool
     data = pool.subset(torch.arange(partition, len(pool), 3).numpy())
     model = UserNet()
     proxy = decode_proxy(
         message.content[PROXY_RECORD], message.content[LAYOUT_RECORD], into=model.state_dict()
     )
-    train(
-        model,
-        data,
-        epochs=3,
-        learning_rate=0.05,
-        batch_size=32,
-        seed=partition,
-        frozen=proxy.hidden_masks(),
-    )
+    with freeze_hidden(model, proxy):
+        train(model, data, epochs=3, learning_rate=0.05, batch_size=32, seed=partition)
     metrics = MetricRecord({"num-examples": len(data)})
     return Message(
         RecordDict(
@@ -86,7 +82,9 @@ def test_fedqsn_trains_a_users_own_model(base_config):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     grid = LocalGrid(3, base_config, train_handler=user_train)
     result = strategy.start(grid, ArrayRecord(start), num_rounds=3)
-    test = load_server_data("digits", 0, 0.2, 0.1, TEST_SECRET).test
+    test = load_server_data(
+        "digits", seed=0, test_fraction=0.2, pretrain_fraction=0.1, secret=TEST_SECRET
+    ).test
     model.load_state_dict(start)
     before = evaluate(model, test)[1]
     model.load_state_dict(result.arrays.to_torch_state_dict())

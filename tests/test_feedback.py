@@ -7,11 +7,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedqsn_flwr.app.base import Split
 from fedqsn_flwr.app.config import ConfigError, validate
 from fedqsn_flwr.app.models import DIGITS_SPEC, build_model
 from fedqsn_flwr.app.server import build_strategy, feedback_fns, train_config
 from fedqsn_flwr.app.sources import data_key
-from fedqsn_flwr.app.splits import ServerData, Split, load_server_data
+from fedqsn_flwr.app.splits import ServerData, load_server_data
 from fedqsn_flwr.core.feedback import (
     ClientFeedback,
     feedback_direction,
@@ -49,7 +50,12 @@ def _proxy_pair(update_bit_width=32):
     policy = policy_for_model(model)
     visible = draw_client_mask(draw_server_mask(policy, 0.5, 1), 0.2, 2)
     arrays, layout, spec = encode_proxy(
-        model.state_dict(), policy, visible, 4, 64, update_bit_width
+        model.state_dict(),
+        policy,
+        visible,
+        bit_width=4,
+        block_size=64,
+        update_bit_width=update_bit_width,
     )
     return model, policy, decode_proxy(arrays, layout), spec
 
@@ -153,10 +159,10 @@ def _federation(base_config, feedback, tamper=None):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     data = load_server_data(
         data_key(config),
-        config["seed"],
-        config["test-fraction"],
-        config["pretrain-fraction"],
-        SECRET,
+        seed=config["seed"],
+        test_fraction=config["test-fraction"],
+        pretrain_fraction=config["pretrain-fraction"],
+        secret=SECRET,
     )
     fns = feedback_fns(config, model, data, SECRET) if feedback else None
     strategy = build_strategy(config, model, None, None, SECRET, fns)

@@ -24,7 +24,9 @@ SCRIPT = textwrap.dedent(
     model = build_model("cnn")
     policy = policy_for_model(model)
     visible = draw_client_mask(draw_server_mask(policy, 0.5, 1), 0.2, 2)
-    arrays, layout, _ = encode_proxy(model.state_dict(), policy, visible, 4, 64, 32)
+    arrays, layout, _ = encode_proxy(
+        model.state_dict(), policy, visible, bit_width=4, block_size=64, update_bit_width=32
+    )
     context = Context(
         run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 3},
         state=RecordDict(), run_config={},

@@ -189,7 +189,7 @@ def test_fuzzed_replies_never_escape_and_the_model_is_the_valid_replies_aggregat
     messages = list(strategy.configure_train(1, ArrayRecord(state), train_config(config), grid))
     origins = {m.metadata.dst_node_id: m for m in messages}
     honest = grid.send_and_receive(messages)
-    sent, sampled = dict(strategy._sent), {k: set(v) for k, v in strategy._sampled.items()}
+    sent, sampled = dict(strategy._sent), {k: set(v) for k, v in strategy.nodes.sampled.items()}
     hidden = {
         name: torch.tensor(
             sorted(set(range(strategy.policy.unit_counts[name])) - set(units.tolist()))
@@ -203,7 +203,8 @@ def test_fuzzed_replies_never_escape_and_the_model_is_the_valid_replies_aggregat
     kinds = Counter()
     try:
         for _ in range(ROUNDS):
-            strategy._sent, strategy._sampled = dict(sent), {k: set(v) for k, v in sampled.items()}
+            strategy._sent = dict(sent)
+            strategy.nodes.sampled = {k: set(v) for k, v in sampled.items()}
             replies = []
             kinds_now = []
             chosen = rng.random(3) < 0.6

@@ -24,16 +24,12 @@ from transformers import (  # noqa: E402
 )
 
 from fedqsn_flwr import tied_state_once  # noqa: E402
+from fedqsn_flwr.app.base import IGNORE_INDEX, InputSpec, Split
 from fedqsn_flwr.app.config import DEFAULTS, ConfigError, validate  # noqa: E402
-from fedqsn_flwr.app.huggingface import (  # noqa: E402
-    IGNORE_INDEX,
-    HuggingFaceError,
-    load_tokenizer,
-)
-from fedqsn_flwr.app.models import InputSpec, build_model  # noqa: E402
+from fedqsn_flwr.app.huggingface import HuggingFaceError, load_tokenizer
+from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics  # noqa: E402
 from fedqsn_flwr.app.sources import DataError, DataKey, load_raw  # noqa: E402
-from fedqsn_flwr.app.splits import Split  # noqa: E402
 from fedqsn_flwr.app.training import evaluate, train  # noqa: E402
 from fedqsn_flwr.core.masking import (  # noqa: E402
     draw_client_mask,
@@ -169,7 +165,9 @@ def test_proxy_round_trip_hides_units_and_maps_the_update_back(checkpoints, fami
     policy = policy_for_model(model)
     server_mask = draw_server_mask(policy, 0.2, 1)
     visible = draw_client_mask(server_mask, 0.2, 2)
-    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bit_width=32)
+    arrays, layout, spec = encode_proxy(
+        state, policy, visible, bit_width=4, block_size=64, update_bit_width=32
+    )
     # hidden units are absent from the message: it lists exactly the visible ones,
     # and its values hold one entry per visible slice element of every tensor
     shown = message_units(arrays, layout)

@@ -168,13 +168,13 @@ def test_similarity_sums_equal_sums_over_the_decoded_tensor(bit_width, shape, ax
         packed.numpy(),
         scales.numpy(),
         normal_float_codebook(bit_width).numpy(),
-        bit_width,
-        50,
-        shape,
-        axis,
-        None if units is None else units.numpy(),
-        factor,
-        reference.reshape(-1).numpy(),
+        bit_width=bit_width,
+        block_size=50,
+        shape=shape,
+        axis=axis,
+        units=None if units is None else units.numpy(),
+        factor=factor,
+        reference=reference.reshape(-1).numpy(),
     )
     # the hidden units' share of the gap is counted: it is most of it here
     np.testing.assert_allclose(found, expected, rtol=1e-12, atol=0)

@@ -49,6 +49,42 @@ def test_layers_import_only_the_layers_below_them(layer):
                 assert not name.startswith("flwr"), f"{path} (algorithm) imports {name}"
 
 
+def test_the_flower_layer_leaves_the_kernels_to_core():
+    # backend choice (numba or torch) is core's: flower/ calls core's functions only
+    for path in sorted((PACKAGE / "flower").rglob("*.py")):
+        assert "fedqsn_flwr.core.kernels" not in _imports(path), path
+        assert "from fedqsn_flwr.core import kernels" not in path.read_text(), path
+
+
+def _app_depth() -> dict[str, int]:
+    """Per app module, its floor: 1 + the highest floor of the app modules it imports."""
+    imports = {
+        path.stem: {
+            n.rsplit(".", 1)[-1] for n in _imports(path) if n.startswith("fedqsn_flwr.app.")
+        }
+        for path in (PACKAGE / "app").glob("*.py")
+    }
+    floors: dict[str, int] = {}
+
+    def floor(name: str, seen: tuple[str, ...] = ()) -> int:
+        assert name not in seen, f"import cycle {seen + (name,)}"
+        if name not in floors:
+            below = [floor(d, seen + (name,)) for d in imports[name] if d in imports]
+            floors[name] = 1 + max(below, default=0)
+        return floors[name]
+
+    for name in imports:
+        floor(name)
+    return floors
+
+
+def test_the_app_has_a_ground_floor_and_few_floors():
+    floors = _app_depth()
+    assert floors["base"] == 1  # imports nothing of the app: every module may use it
+    assert floors["config"] <= 2  # allowed names come from the ground floor
+    assert max(floors.values()) <= 6, floors
+
+
 def test_top_level_package_is_the_library_only():
     for name in _imports(PACKAGE / "__init__.py"):
         assert name.startswith(("fedqsn_flwr.core", "fedqsn_flwr.flower")), name

@@ -5,12 +5,12 @@ from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.core.masking import (
     MaskPolicy,
     apply_mask,
-    derive_seed,
     draw_client_mask,
     draw_server_mask,
     num_hidden,
     policy_for_model,
 )
+from fedqsn_flwr.core.secret import derive_seed
 
 
 def _policy():

@@ -47,15 +47,24 @@ def test_shear_shifts_the_clients_distribution():
 
 def test_server_data_comes_from_the_secret_and_the_pool_from_the_seed():
     key = _key(**{"mnist1d-server-examples": 300, "mnist1d-test-examples": 100})
-    a = load_server_data(key, 1, 0.2, 0.1, from_text("a"))
-    b = load_server_data(key, 1, 0.2, 0.1, from_text("b"))
+    a = load_server_data(
+        key, seed=1, test_fraction=0.2, pretrain_fraction=0.1, secret=from_text("a")
+    )
+    b = load_server_data(
+        key, seed=1, test_fraction=0.2, pretrain_fraction=0.1, secret=from_text("b")
+    )
     assert len(a.pretrain) == 300 and len(a.test) == 100 and a.spec.kind == "signal"
     assert not torch.equal(a.pretrain.x, b.pretrain.x)
     assert not torch.equal(a.test.x, b.test.x)
     assert input_spec(key) == a.spec
     pool = load_pool(key, 1, 4 * key.mnist1d_client_examples)
     assert len(pool) == 4 * 125
-    parts = [load_client_data(key, 1, p, 4, "iid", 0.5) for p in range(4)]
+    parts = [
+        load_client_data(
+            key, seed=1, partition_id=p, num_partitions=4, partitioning="iid", alpha=0.5
+        )
+        for p in range(4)
+    ]
     assert [len(train) for train, _ in parts] == [100] * 4
     assert [len(local) for _, local in parts] == [25] * 4
     together = torch.cat([torch.cat([t.x, e.x]) for t, e in parts]).flatten(1)

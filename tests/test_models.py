@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from fedqsn_flwr.app.models import InputSpec, build_model
+from fedqsn_flwr.app.base import InputSpec
+from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
 from fedqsn_flwr.core.masking import (
-    derive_seed,
     draw_client_mask,
     draw_server_mask,
     policy_for_model,
 )
+from fedqsn_flwr.core.secret import derive_seed
 from fedqsn_flwr.flower.proxy import decode_proxy, decode_update, encode_proxy, encode_update
 
 MNIST = InputSpec("image", (1, 28, 28), 10)
@@ -50,7 +51,7 @@ def test_proxy_round_trip_of_every_model(name):
     state = model.state_dict()
     server = draw_server_mask(policy, 0.1, 1)
     visible = draw_client_mask(server, 0.1, derive_seed("test", 1, 1, 1, 0))
-    arrays, layout, spec_sent = encode_proxy(state, policy, visible, 4, 64)
+    arrays, layout, spec_sent = encode_proxy(state, policy, visible, bit_width=4, block_size=64)
     proxy = decode_proxy(arrays, layout)
 
     # the rebuilt proxy loads into the model and runs
@@ -88,7 +89,9 @@ def test_decoding_into_the_model_is_the_classic_decode_bit_for_bit(name, bits):
     state = build_model(name, 0.1, seed=0, spec=spec).state_dict()
     server = draw_server_mask(policy, 0.3, 1)
     visible = draw_client_mask(server, 0.2, derive_seed("test", 1, 1, 1, 0))
-    arrays, layout, _ = encode_proxy(state, policy, visible, bits, 64, update_bit_width=32)
+    arrays, layout, _ = encode_proxy(
+        state, policy, visible, bit_width=bits, block_size=64, update_bit_width=32
+    )
     classic = decode_proxy(arrays, layout)
 
     model = build_model(name, 0.1, seed=5, spec=spec)  # other weights: all must be overwritten
@@ -119,7 +122,9 @@ def test_decoding_into_a_model_of_another_shape_is_refused():
     model = build_model("cnn", 0.1, seed=0, spec=spec)
     policy = policy_for_model(model)
     visible = draw_client_mask(draw_server_mask(policy, 0.1, 1), 0.1, 3)
-    arrays, layout, _ = encode_proxy(model.state_dict(), policy, visible, 4, 64)
+    arrays, layout, _ = encode_proxy(
+        model.state_dict(), policy, visible, bit_width=4, block_size=64
+    )
     other = build_model("cnn", 0.1, seed=0, spec=InputSpec("image", (1, 28, 28), 7))
     with pytest.raises(ValueError, match="fc2.weight"):
         decode_proxy(arrays, layout, into=other.state_dict())

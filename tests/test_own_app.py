@@ -28,6 +28,7 @@ from flwr.app import (
 from fedqsn_flwr import FedQSN, freeze_hidden, load_received, policy_for_model, train_reply
 from fedqsn_flwr.flower.protocol import UPDATE_RECORD
 from fedqsn_flwr.flower.proxy import decode_update
+from fedqsn_flwr.flower.strategies import message_bytes
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own-app"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -115,6 +116,13 @@ def test_own_app_trains_and_evaluates_with_flower_defaults(own_app, capsys, capl
     assert not [m for m in grid.received if m.metadata.message_type == MessageType.QUERY]
     assert caplog.text.count("Partition ids:") == 1
     assert "partition_query is off" in caplog.text
+    # one line per round with the bytes per client, as the messages measure
+    lines = re.findall(r"Round (\d+): bytes per client: ([\d,]+) down, ([\d,]+) up", caplog.text)
+    assert [int(r) for r, _, _ in lines] == list(range(1, run_config["num-server-rounds"] + 1))
+    sent = [m for m in grid.received if m.metadata.message_type == MessageType.TRAIN][:3]
+    down, up = (int(v.replace(",", "")) for v in lines[0][1:])
+    assert abs(down - sum(message_bytes(m) for m in sent) / 3) <= 0.5
+    assert up > 0
 
 
 def _first_proxy(client_app, task):

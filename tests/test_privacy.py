@@ -153,7 +153,8 @@ def test_logged_similarity_is_that_of_the_decoded_messages(base_config, bits):
 
 def test_unmasked_codes_measured_before_are_reused_only_when_equal():
     """A reference measures an unmasked tensor once per distinct codes, with equal figures."""
-    from fedqsn_flwr.core.masking import derive_seed, draw_client_mask, draw_server_mask
+    from fedqsn_flwr.core.masking import draw_client_mask, draw_server_mask
+    from fedqsn_flwr.core.secret import derive_seed
     from fedqsn_flwr.flower.proxy import encode_proxy, iter_packed
 
     torch.manual_seed(0)
@@ -167,7 +168,7 @@ def test_unmasked_codes_measured_before_are_reused_only_when_equal():
     reference = SimilarityReference(state, list(policy.unit_axes))
     for client, source in enumerate((state, state, moved, state)):
         visible = draw_client_mask(server, 0.2, derive_seed("test", client))
-        arrays, layout, _ = encode_proxy(source, policy, visible, 4, 64)
+        arrays, layout, _ = encode_proxy(source, policy, visible, bit_width=4, block_size=64)
         found = reference.compare_packed(iter_packed(arrays, layout), 4, 64)
         fresh = SimilarityReference(state, list(policy.unit_axes))
         assert found == fresh.compare_packed(iter_packed(arrays, layout), 4, 64)

@@ -6,12 +6,12 @@ from flwr.app import Array, ArrayRecord
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.core.masking import (
     apply_mask,
-    derive_seed,
     draw_client_mask,
     draw_server_mask,
     policy_for_model,
 )
 from fedqsn_flwr.core.quantization import dequantize, normal_float_codebook, quantize
+from fedqsn_flwr.core.secret import derive_seed
 from fedqsn_flwr.flower.proxy import (
     InvalidUpdate,
     array_values,
@@ -37,7 +37,7 @@ def _setup(p1=0.3, p2=0.2):
 @pytest.mark.parametrize("block_size", [1, 50, 64])
 def test_proxy_round_trip_equals_masked_quantized_model(bits, block_size):
     _, policy, state, visible = _setup()
-    arrays, layout, _ = encode_proxy(state, policy, visible, bits, block_size)
+    arrays, layout, _ = encode_proxy(state, policy, visible, bit_width=bits, block_size=block_size)
     proxy = decode_proxy(arrays, layout)
     masked = apply_mask(state, policy, visible)
     for name, tensor in masked.items():
@@ -61,7 +61,7 @@ def test_proxy_round_trip_equals_masked_quantized_model(bits, block_size):
 
 def test_update_round_trip_maps_back_to_global_units():
     model, policy, state, visible = _setup()
-    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64)
+    arrays, layout, spec = encode_proxy(state, policy, visible, bit_width=4, block_size=64)
     proxy = decode_proxy(arrays, layout)
     trained = {k: v + 0.5 for k, v in proxy.state.items()}
     update = encode_update(trained, proxy)
@@ -94,7 +94,7 @@ def _bad(update, name, array):
 )
 def test_bad_updates_are_rejected_with_a_reason(mutate, reason):
     _, policy, state, visible = _setup()
-    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64)
+    arrays, layout, spec = encode_proxy(state, policy, visible, bit_width=4, block_size=64)
     proxy = decode_proxy(arrays, layout)
     update = encode_update(proxy.state, proxy)
     with pytest.raises(InvalidUpdate, match=reason):
@@ -114,7 +114,9 @@ def test_compact_updates_decode_close_to_the_float32_update(update_bits):
     if tolerance is None:
         tolerance = _half_max_gap(update_bits)
     _, policy, state, visible = _setup()
-    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bits)
+    arrays, layout, spec = encode_proxy(
+        state, policy, visible, bit_width=4, block_size=64, update_bit_width=update_bits
+    )
     proxy = decode_proxy(arrays, layout)
     assert proxy.update_bit_width == update_bits
     generator = torch.Generator().manual_seed(1)
@@ -160,7 +162,9 @@ def _spec_bits(spec, bits):
 )
 def test_bad_quantized_updates_are_rejected_with_a_reason(mutate, reason):
     _, policy, state, visible = _setup()
-    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bit_width=4)
+    arrays, layout, spec = encode_proxy(
+        state, policy, visible, bit_width=4, block_size=64, update_bit_width=4
+    )
     proxy = decode_proxy(arrays, layout)
     update = encode_update(proxy.state, proxy)
     with pytest.raises(InvalidUpdate, match=reason):
@@ -169,7 +173,9 @@ def test_bad_quantized_updates_are_rejected_with_a_reason(mutate, reason):
 
 def test_float16_update_with_float32_array_is_rejected():
     _, policy, state, visible = _setup()
-    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bit_width=16)
+    arrays, layout, spec = encode_proxy(
+        state, policy, visible, bit_width=4, block_size=64, update_bit_width=16
+    )
     update = encode_update(decode_proxy(arrays, layout).state, decode_proxy(arrays, layout))
     with pytest.raises(InvalidUpdate, match="float16"):
         decode_update(_bad(update, "fc1.bias", np.zeros(128, np.float32)), spec, policy)
@@ -185,7 +191,7 @@ def test_scales_fall_back_to_float32_when_float16_would_lose_them():
 def test_unknown_update_bit_width_is_refused():
     _, policy, state, visible = _setup()
     with pytest.raises(ValueError, match="update bit width"):
-        encode_proxy(state, policy, visible, 4, 64, update_bit_width=12)
+        encode_proxy(state, policy, visible, bit_width=4, block_size=64, update_bit_width=12)
 
 
 def _proxy_with(arrays, key, array):
@@ -223,7 +229,7 @@ def _proxy_with(arrays, key, array):
 )
 def test_malformed_proxies_are_refused_with_a_reason(mutate, reason):
     _, policy, state, visible = _setup()
-    arrays, layout, _ = encode_proxy(state, policy, visible, 4, 64)
+    arrays, layout, _ = encode_proxy(state, policy, visible, bit_width=4, block_size=64)
     with pytest.raises(ValueError, match=reason):
         decode_proxy(mutate(arrays), layout)
 
@@ -252,8 +258,12 @@ def test_proxies_sharing_the_unmasked_codes_are_byte_for_byte_the_same(bits):
     other = draw_client_mask(draw_server_mask(policy, 0.3, 11), 0.2, 5)
     shared = {}
     for mask in (visible, other, visible):
-        arrays, layout, spec = encode_proxy(state, policy, mask, bits, 50, shared=shared)
-        alone, alone_layout, alone_spec = encode_proxy(state, policy, mask, bits, 50)
+        arrays, layout, spec = encode_proxy(
+            state, policy, mask, bit_width=bits, block_size=50, shared=shared
+        )
+        alone, alone_layout, alone_spec = encode_proxy(
+            state, policy, mask, bit_width=bits, block_size=50
+        )
         assert sorted(arrays.keys()) == sorted(alone.keys())
         assert all(arrays[k].data == alone[k].data for k in alone.keys())
         assert dict(layout) == dict(alone_layout) and spec.update_shapes == alone_spec.update_shapes
@@ -268,7 +278,9 @@ def test_checked_update_keeps_the_reply_and_finds_its_norm(update_bits):
     from fedqsn_flwr.flower.proxy import checked_update
 
     _, policy, state, visible = _setup()
-    arrays, layout, spec = encode_proxy(state, policy, visible, 4, 64, update_bits)
+    arrays, layout, spec = encode_proxy(
+        state, policy, visible, bit_width=4, block_size=64, update_bit_width=update_bits
+    )
     proxy = decode_proxy(arrays, layout)
     generator = torch.Generator().manual_seed(4)
     trained = {k: v + torch.randn(v.shape, generator=generator) for k, v in proxy.state.items()}

@@ -224,8 +224,8 @@ def test_bad_or_stolen_partition_claims_are_refused(base_config, claim):
     messages = list(strategy.configure_train(1, ArrayRecord(state), train_config(config), grid))
     liar = next(n for n in grid.contexts if grid.partition(n) == 2)
     sent_to = [m.metadata.dst_node_id for m in messages]
-    assert len(messages) == 2 and len(strategy.refused) == 1
-    refused = next(iter(strategy.refused))
+    assert len(messages) == 2 and len(strategy.nodes.refused) == 1
+    refused = next(iter(strategy.nodes.refused))
     assert refused not in sent_to  # no proxy at all
     if claim["partition-id"] == 0:
         # the first claim of partition 0 counts, whoever made it; the other is refused
@@ -234,7 +234,7 @@ def test_bad_or_stolen_partition_claims_are_refused(base_config, claim):
         assert refused == liar
     # no two nodes ever share a partition id, hence a client mask
     assert len({strategy.partition_ids[n] for n in sent_to}) == 2
-    assert math.isfinite(strategy.num_partitions)
+    assert math.isfinite(strategy.nodes.num_partitions)
 
 
 @pytest.mark.parametrize("strategy_name", ["fedqsn", "fedavg"])
@@ -318,5 +318,5 @@ def test_a_refused_node_neither_stalls_the_round_nor_is_sampled(base_config, cap
     grid = ClaimingGrid(3, config, liar=2, claim={"partition-id": 0, "num-partitions": 3})
     with caplog.at_level(logging.WARNING):
         messages = list(strategy.configure_train(1, ArrayRecord(state), train_config(config), grid))
-    assert len(messages) == 2 and len(strategy.refused) == 1
+    assert len(messages) == 2 and len(strategy.nodes.refused) == 1
     assert "2 of 3 connected nodes may be sampled (min 3)" in caplog.text

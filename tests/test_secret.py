@@ -146,8 +146,12 @@ def test_server_mask_comes_from_the_secret_not_the_seed():
 
 def test_the_servers_rows_come_from_the_secret_and_clients_get_only_theirs():
     key = DataKey("digits")
-    a = load_server_data(key, 5, 0.2, 0.1, from_text("a"))
-    b = load_server_data(key, 5, 0.2, 0.1, from_text("b"))
+    a = load_server_data(
+        key, seed=5, test_fraction=0.2, pretrain_fraction=0.1, secret=from_text("a")
+    )
+    b = load_server_data(
+        key, seed=5, test_fraction=0.2, pretrain_fraction=0.1, secret=from_text("b")
+    )
     assert len(a.test) == len(b.test) and len(a.pretrain) == len(b.pretrain)
     # another secret, other server rows (and so another pool), under the same public seed
     server_a = set(range(1797)) - set(a.pool_rows.tolist())
@@ -157,7 +161,9 @@ def test_the_servers_rows_come_from_the_secret_and_clients_get_only_theirs():
     # and nothing a client can compute gives the pool: it must be told its rows
     with pytest.raises(ValueError, match="no public pool"):
         load_pool(key, 5, 0)
-    cut = partition_rows(a, from_text("a"), 5, 4, "iid", 0.5)
+    cut = partition_rows(
+        a, secret=from_text("a"), seed=5, num_partitions=4, partitioning="iid", alpha=0.5
+    )
     assert sorted(np.concatenate(cut).tolist()) == sorted(a.pool_rows.tolist())
 
 
@@ -229,7 +235,7 @@ def test_restoring_under_another_secret_is_refused_and_exposure_is_opt_in(base_c
         FedQSN(policy, server_secret=from_text("b"), **options).restore(state)
     same = FedQSN(policy, server_secret=from_text("a"), **options)
     same.restore(state)
-    assert same.completed_rounds == 0
+    assert same.resumption.completed == 0
     tracked = FedQSN(policy, server_secret=from_text("a"), privacy_metrics=True, **options)
     tracked.configure_train(
         1, ArrayRecord(model.state_dict()), ConfigRecord(), LocalGrid(2, base_config)

@@ -185,7 +185,9 @@ def test_flwr_datasets_without_network_explains_the_offline_option(monkeypatch):
 def test_own_test_split_becomes_the_server_test_set_and_images_are_standardized(tmp_path):
     _mnist_folder(tmp_path, "MNIST", n_train=40, n_test=7)
     key = DataKey("mnist", data_dir=str(tmp_path))
-    server = load_server_data(key, 0, 0.2, 0.25, TEST_SECRET)
+    server = load_server_data(
+        key, seed=0, test_fraction=0.2, pretrain_fraction=0.25, secret=TEST_SECRET
+    )
     assert len(server.test) == 7 and len(server.pretrain) == 10 and len(server.pool) == 30
     batch = server.pool.inputs(slice(0, 30))
     assert batch.dtype == torch.float32 and abs(float(batch.mean())) < 0.2
@@ -230,10 +232,14 @@ def test_a_users_partition_loader_gives_each_client_its_own_data(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     key = DataKey("my_parts:load")
-    server = load_server_data(key, 0, 0.2, 0.1, TEST_SECRET)
+    server = load_server_data(
+        key, seed=0, test_fraction=0.2, pretrain_fraction=0.1, secret=TEST_SECRET
+    )
     assert len(server.test) == 20 and len(server.pretrain) == 40 and len(server.pool) == 0
     for partition in range(3):
-        train, evaluation = load_client_data(key, 0, partition, 3, "iid", 0.5)
+        train, evaluation = load_client_data(
+            key, seed=0, partition_id=partition, num_partitions=3, partitioning="iid", alpha=0.5
+        )
         assert len(train) + len(evaluation) == 10 + 5 * partition
         assert train.y.eq(partition).all() and train.x.eq(float(partition)).all()
     # and a federation runs on it

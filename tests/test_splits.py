@@ -8,7 +8,9 @@ from tests.helpers import TEST_SECRET, client_split
 
 
 def test_server_splits_are_disjoint_and_cover_the_digits():
-    data = load_server_data("digits", 1, 0.2, 0.2, TEST_SECRET)
+    data = load_server_data(
+        "digits", seed=1, test_fraction=0.2, pretrain_fraction=0.2, secret=TEST_SECRET
+    )
     assert len(data.test) + len(data.pretrain) + len(data.pool) == 1797
     assert len(data.test) == 359 and len(data.pretrain) == 359
     assert tuple(data.test.x.shape[1:]) == (1, 8, 8)
@@ -18,8 +20,15 @@ def test_server_splits_are_disjoint_and_cover_the_digits():
     labels = torch.cat([data.test.y, data.pretrain.y, data.pool.y])
     assert torch.equal(torch.bincount(labels), torch.bincount(torch.tensor(load_digits().target)))
     # the server's rows come from the secret, not the public seed
-    assert torch.equal(data.test.x, load_server_data("digits", 2, 0.2, 0.2, TEST_SECRET).test.x)
-    other = load_server_data("digits", 1, 0.2, 0.2, from_text("another"))
+    assert torch.equal(
+        data.test.x,
+        load_server_data(
+            "digits", seed=2, test_fraction=0.2, pretrain_fraction=0.2, secret=TEST_SECRET
+        ).test.x,
+    )
+    other = load_server_data(
+        "digits", seed=1, test_fraction=0.2, pretrain_fraction=0.2, secret=from_text("another")
+    )
     assert not torch.equal(data.test.x, other.test.x)
 
 
@@ -30,7 +39,9 @@ def _partitions(partitioning, alpha=0.5, seed=1, n=5):
 @pytest.mark.parametrize("partitioning", ["iid", "dirichlet"])
 def test_partitions_cover_the_pool_and_are_deterministic(partitioning):
     parts = _partitions(partitioning)
-    pool = load_server_data("digits", 1, 0.2, 0.2, TEST_SECRET).pool
+    pool = load_server_data(
+        "digits", seed=1, test_fraction=0.2, pretrain_fraction=0.2, secret=TEST_SECRET
+    ).pool
     assert sum(len(t) + len(e) for t, e in parts) == len(pool)
     load_client_data.cache_clear()
     again = _partitions(partitioning)
@@ -49,14 +60,34 @@ def test_dirichlet_is_non_iid_and_iid_is_balanced():
 
 def test_partition_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="out of range"):
-        load_client_data("digits", 1, 5, 5, "iid", 0.5)
+        load_client_data(
+            "digits", seed=1, partition_id=5, num_partitions=5, partitioning="iid", alpha=0.5
+        )
 
 
 def test_a_client_needs_valid_rows_from_its_server():
     with pytest.raises(ValueError, match="partition-rows"):
-        load_client_data("digits", 1, 0, 5, "iid", 0.5)  # no rows sent
+        load_client_data(
+            "digits", seed=1, partition_id=0, num_partitions=5, partitioning="iid", alpha=0.5
+        )  # no rows sent
     for rows in ((), (0, 0, 1), (-1, 2), (0, 1797)):
         with pytest.raises(ValueError, match="partition-rows"):
-            load_client_data("digits", 1, 0, 5, "iid", 0.5, rows)
-    train, local = load_client_data("digits", 1, 0, 5, "iid", 0.5, tuple(range(10)))
+            load_client_data(
+                "digits",
+                seed=1,
+                partition_id=0,
+                num_partitions=5,
+                partitioning="iid",
+                alpha=0.5,
+                rows=rows,
+            )
+    train, local = load_client_data(
+        "digits",
+        seed=1,
+        partition_id=0,
+        num_partitions=5,
+        partitioning="iid",
+        alpha=0.5,
+        rows=tuple(range(10)),
+    )
     assert len(train) + len(local) == 10

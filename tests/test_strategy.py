@@ -82,7 +82,14 @@ def _expected(strategy, state, grid, replies, valid_partitions):
         if partition not in valid_partitions:
             continue
         visible = strategy.client_mask(1, partition)
-        _, _, spec = encode_proxy(state, strategy.policy, visible, 4, 64, strategy.update_bit_width)
+        _, _, spec = encode_proxy(
+            state,
+            strategy.policy,
+            visible,
+            bit_width=4,
+            block_size=64,
+            update_bit_width=strategy.update_bit_width,
+        )
         deltas = decode_update(reply.content[UPDATE_RECORD], spec, strategy.policy)
         weight = reply.content[METRICS_RECORD]["num-examples"]
         updates.append(ClientUpdate(deltas, visible, weight))

@@ -7,7 +7,8 @@ import torch
 
 from fedqsn_flwr.app.config import DEFAULTS, ConfigError, validate
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
-from fedqsn_flwr.app.server import initial_model, server_data
+from fedqsn_flwr.app.server import initial_model
+from fedqsn_flwr.app.splits import server_data
 from fedqsn_flwr.experiments.inprocess import run_in_process
 from tests.helpers import TEST_SECRET
 

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
+from fedqsn_flwr.app.base import Split
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.sources import data_key
-from fedqsn_flwr.app.splits import Split, input_spec, load_client_data
+from fedqsn_flwr.app.splits import client_data, input_spec
 from fedqsn_flwr.app.training import evaluate, loss_gradient, perplexity, pick_device, train
-from fedqsn_flwr.core.masking import derive_seed
-from fedqsn_flwr.flower.client_helpers import load_received, train_reply
+from fedqsn_flwr.core.secret import derive_seed
+from fedqsn_flwr.flower.client_helpers import freeze_hidden, load_received, train_reply
 from fedqsn_flwr.flower.protocol import (
     HIDDEN_FEEDBACK_KEY,
     METRICS_RECORD,
@@ -48,7 +49,7 @@ def partition_of(context: Context) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
-def client_data(
+def message_data(
     config: Mapping[str, Any], context: Context, settings: Mapping[str, Any]
 ) -> tuple[Split, Split]:
     """This node's (local train, local evaluation) splits.
@@ -60,15 +61,7 @@ def client_data(
     rows = settings.get(PARTITION_ROWS_KEY)
     if rows is not None and not isinstance(rows, list):
         raise ValueError(f"'{PARTITION_ROWS_KEY}' must be a list of row numbers")
-    return load_client_data(
-        data_key(config),
-        config["seed"],
-        partition_id,
-        num_partitions,
-        config["partitioning"],
-        config["dirichlet-alpha"],
-        tuple(int(r) for r in rows) if rows is not None else None,
-    )
+    return client_data(config, partition_id, num_partitions, rows)
 
 
 def _model(config: Mapping[str, Any]) -> torch.nn.Module:
@@ -89,7 +82,7 @@ def handle_query(message: Message, context: Context) -> Message:
 def handle_train(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Train the received proxy on the local split; reply with its update."""
     settings = message.content["config"]
-    train_split, _ = client_data(config, context, settings)
+    train_split, _ = message_data(config, context, settings)
     model = _model(config)
     # decoded straight into the model: no second dense copy of it on the client
     proxy = load_received(model, message.content)
@@ -103,19 +96,22 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
         # at the received proxy, before training: the gradient the server's control
         # variate is computed against
         feedback = encode_feedback(loss_gradient(model, None, train_split), proxy)
-    loss = train(
-        model,
-        train_split,
-        epochs=int(settings.get("local-epochs", config["local-epochs"])),
-        learning_rate=float(settings.get("learning-rate", config["learning-rate"])),
-        batch_size=int(settings.get("batch-size", config["batch-size"])),
-        seed=derive_seed(
-            "client-training", config["seed"], int(settings.get(SERVER_ROUND_KEY, 0)), partition_id
-        ),
-        frozen=proxy.hidden_masks(),
-        proximal_mu=float(settings.get("proximal-mu", 0.0)),
-        optimizer=str(settings.get("optimizer", config["optimizer"])),
-    )
+    with freeze_hidden(model, proxy):
+        loss = train(
+            model,
+            train_split,
+            epochs=int(settings.get("local-epochs", config["local-epochs"])),
+            learning_rate=float(settings.get("learning-rate", config["learning-rate"])),
+            batch_size=int(settings.get("batch-size", config["batch-size"])),
+            seed=derive_seed(
+                "client-training",
+                config["seed"],
+                int(settings.get(SERVER_ROUND_KEY, 0)),
+                partition_id,
+            ),
+            proximal_mu=float(settings.get("proximal-mu", 0.0)),
+            optimizer=str(settings.get("optimizer", config["optimizer"])),
+        )
     return train_reply(
         message, model, proxy, len(train_split), {TRAIN_LOSS_KEY: loss}, feedback=feedback
     )
@@ -123,7 +119,7 @@ def handle_train(message: Message, context: Context, config: Mapping[str, Any]) 
 
 def handle_evaluate(message: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Evaluate the received proxy on the local evaluation split."""
-    _, eval_split = client_data(config, context, message.content["config"])
+    _, eval_split = message_data(config, context, message.content["config"])
     model = _model(config)
     load_received(model, message.content)
     torch.set_num_threads(1)  # after decoding (see handle_train)

@@ -25,11 +25,16 @@ from typing import Any
 
 import yaml
 
-from fedqsn_flwr.app.huggingface import is_hf
-from fedqsn_flwr.app.models import MODELS, is_factory_path
-from fedqsn_flwr.app.sources import LANGUAGE_MODELLING
-from fedqsn_flwr.app.splits import DATASETS, PARTITIONINGS
-from fedqsn_flwr.app.training import DEVICE_PATTERN, OPTIMIZERS
+from fedqsn_flwr.app.base import (
+    DATASETS,
+    DEVICE_PATTERN,
+    LANGUAGE_MODELLING,
+    MODEL_NAMES,
+    OPTIMIZERS,
+    PARTITIONINGS,
+    is_factory_path,
+    is_hf,
+)
 from fedqsn_flwr.core.quantization import MAX_BIT_WIDTH, MIN_BIT_WIDTH
 from fedqsn_flwr.flower.proxy import UPDATE_BIT_WIDTHS
 
@@ -86,8 +91,14 @@ def _positive(default: float, meaning: str) -> Key:
 
 
 def _fraction(
-    default: float, low: float, high: float, open_low: bool, open_high: bool, meaning: str
-) -> Key:  # noqa: A002
+    default: float,
+    meaning: str,
+    *,
+    low: float = 0.0,
+    high: float = 1.0,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Key:
     def check(v: float) -> bool:
         return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
 
@@ -101,10 +112,10 @@ SPEC: dict[str, Key] = {
     ),
     "num-server-rounds": _integer(10, 1, "federated rounds"),
     "fraction-train": _fraction(
-        1.0, 0, 1, True, False, "share of connected nodes sampled for training each round"
+        1.0, "share of connected nodes sampled for training each round", open_low=True
     ),
     "fraction-evaluate": _fraction(
-        0.5, 0, 1, False, False, "share of nodes sampled to evaluate their proxy on local data"
+        0.5, "share of nodes sampled to evaluate their proxy on local data"
     ),
     "min-nodes": _integer(2, 1, "nodes that must be connected (and sampled) before a round starts"),
     "round-timeout": _positive(600.0, "seconds to wait for replies in a round"),
@@ -131,10 +142,10 @@ SPEC: dict[str, Key] = {
         "weight of FedProx's proximal term in client training (strategy fedprox only)",
     ),
     "server-mask-ratio": _fraction(
-        0.1, 0, 1, False, True, "p1: share of units the server hides for the whole run"
+        0.1, "p1: share of units the server hides for the whole run", open_high=True
     ),
     "client-mask-ratio": _fraction(
-        0.1, 0, 1, False, True, "p2: share of server-visible units hidden per client per round"
+        0.1, "p2: share of server-visible units hidden per client per round", open_high=True
     ),
     "bit-width": Key(
         4,
@@ -241,8 +252,8 @@ SPEC: dict[str, Key] = {
     "model": Key(
         "cnn",
         str,
-        f"one of {sorted(MODELS)}, 'hf:<checkpoint folder>' or 'package.module:factory'",
-        lambda v: v in MODELS or is_factory_path(v) or (is_hf(v) and len(v) > len("hf:")),
+        f"one of {sorted(MODEL_NAMES)}, 'hf:<checkpoint folder>' or 'package.module:factory'",
+        lambda v: v in MODEL_NAMES or is_factory_path(v) or (is_hf(v) and len(v) > len("hf:")),
         "model architecture, or a local Hugging Face checkpoint (see Data sets and models)",
     ),
     "hf-weights": Key(
@@ -264,7 +275,7 @@ SPEC: dict[str, Key] = {
         "sgd", OPTIMIZERS, "client and pretraining optimizer: SGD (momentum 0.9) or AdamW"
     ),
     "dropout": _fraction(
-        0.2, 0, 1, False, True, "dropout on the masked hidden features (pretraining and clients)"
+        0.2, "dropout on the masked hidden features (pretraining and clients)", open_high=True
     ),
     "pretrain-epochs": _integer(
         30, 0, "server pretraining epochs on its private split (0 = from scratch)"
@@ -278,10 +289,10 @@ SPEC: dict[str, Key] = {
         "and the settings) so runs that share them pretrain once",
     ),
     "test-fraction": _fraction(
-        0.2, 0, 0.5, True, False, "share of the data held by the server as its test set"
+        0.2, "share of the data held by the server as its test set", high=0.5, open_low=True
     ),
     "pretrain-fraction": _fraction(
-        0.1, 0, 0.5, False, False, "share of the data private to the server for pretraining"
+        0.1, "share of the data private to the server for pretraining", high=0.5
     ),
     "seed": _integer(
         42,

@@ -39,23 +39,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedqsn_flwr.app.base import CAUSAL_LM, HF_PREFIX
 from fedqsn_flwr.core.masking import tied_state_once
 
+
 #: ``model`` values starting with this name a local checkpoint folder.
-HF_PREFIX = "hf:"
-#: InputSpec tasks.
-CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
-#: Label of a token that is not scored (prompt and padding), as in transformers.
-IGNORE_INDEX = -100
-
-
 class HuggingFaceError(ValueError):
     """A checkpoint folder that cannot be used (the message says what to do)."""
-
-
-def is_hf(name: str) -> bool:
-    """Whether a ``model`` value names a Hugging Face checkpoint folder."""
-    return name.startswith(HF_PREFIX)
 
 
 def hf_folder(name: str) -> Path:

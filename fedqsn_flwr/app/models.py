@@ -20,47 +20,22 @@ a ``torch.nn.Module`` -- the way to run FedQSN on your own architecture.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fedqsn_flwr.app.huggingface import CLASSIFICATION, is_hf, load_hf_model
+from fedqsn_flwr.app.base import (
+    CLASSIFICATION,
+    MODEL_NAMES,
+    InputSpec,
+    is_factory_path,
+    is_hf,
+    load_factory,
+)
+from fedqsn_flwr.app.huggingface import load_hf_model
 from fedqsn_flwr.core.secret import torch_rng_from_secret
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model's input and output look like.
-
-    Parameters
-    ----------
-    kind : str
-        ``"image"`` (float tensors of ``shape``), ``"signal"`` (float (C, L)
-        sequences, e.g. MNIST-1D) or ``"text"`` (token ids).
-    shape : tuple[int, ...]
-        One example's shape: (channels, height, width) for images, (length,) for
-        token sequences.
-    num_classes : int
-        Output logits (0 for a language model: one per token of the vocabulary).
-    vocab_size : int (default: 0)
-        Token ids are in ``[0, vocab_size)`` (text only; 0 is padding unless a
-        Hugging Face tokenizer says otherwise).
-    task : str (default: ``"classification"``)
-        ``"classification"`` (one label per example) or ``"causal-lm"`` (a
-        target token per position, -100 where not scored).
-
-    """
-
-    kind: str
-    shape: tuple[int, ...]
-    num_classes: int
-    vocab_size: int = 0
-    task: str = CLASSIFICATION
-
 
 #: scikit-learn's digits: 1 x 8 x 8 images, 10 classes.
 DIGITS_SPEC = InputSpec("image", (1, 8, 8), 10)
@@ -236,6 +211,7 @@ class TextTransformer(nn.Module):
         self,
         spec: InputSpec,
         dropout: float = 0.1,
+        *,
         width: int = 64,
         heads: int = 4,
         hidden: int = 128,
@@ -285,24 +261,8 @@ MODELS: dict[str, ModelFactory] = {
     "resnet18": resnet18,
     "transformer": TextTransformer,
 }
-
-
-def is_factory_path(name: str) -> bool:
-    """Whether ``name`` is a ``package.module:callable`` path rather than a built-in name."""
-    return ":" in name and not is_hf(name)
-
-
-def load_factory(path: str) -> ModelFactory:
-    """Import ``package.module:callable`` (raises ValueError naming what is wrong)."""
-    module_name, _, attribute = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import '{module_name}' for model '{path}': {err}") from err
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise ValueError(f"'{path}' does not name a callable in module '{module_name}'")
-    return factory
+if tuple(MODELS) != MODEL_NAMES:  # pragma: no cover - a model added in one place only
+    raise ImportError("fedqsn_flwr.app.base.MODEL_NAMES must name exactly the MODELS here")
 
 
 def build_model(

@@ -16,9 +16,9 @@ from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedqsn_flwr.app.base import LANGUAGE_MODELLING
 from fedqsn_flwr.app.config import output_root
 from fedqsn_flwr.app.private import private_dir, private_open, save_private, write_private
-from fedqsn_flwr.app.sources import LANGUAGE_MODELLING
 from fedqsn_flwr.flower.strategies import MessageEntry
 
 METRIC_COLUMNS = (

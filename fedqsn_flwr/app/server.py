@@ -22,13 +22,13 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from torch import nn
 
+from fedqsn_flwr.app.base import CAUSAL_LM, is_hf
 from fedqsn_flwr.app.config import ConfigError, output_root
-from fedqsn_flwr.app.huggingface import CAUSAL_LM, hf_folder, is_hf
+from fedqsn_flwr.app.huggingface import hf_folder
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.private import private_dir, save_private
 from fedqsn_flwr.app.results import RunRecorder
-from fedqsn_flwr.app.sources import data_key
-from fedqsn_flwr.app.splits import ServerData, load_server_data, partition_rows
+from fedqsn_flwr.app.splits import ServerData, partition_rows, server_data
 from fedqsn_flwr.app.training import (
     evaluate_state,
     loss_gradient,
@@ -56,17 +56,6 @@ from fedqsn_flwr.flower.strategies import (
     NodeConfigFn,
     StateEvaluateFn,
 )
-
-
-def server_data(config: Mapping[str, Any], secret: bytes) -> ServerData:
-    """The server's test set, private pretraining set and client pool."""
-    return load_server_data(
-        data_key(config),
-        config["seed"],
-        config["test-fraction"],
-        config["pretrain-fraction"],
-        secret,
-    )
 
 
 def load_initial_weights(model: nn.Module, path: str) -> None:
@@ -246,11 +235,11 @@ def partition_config(config: Mapping[str, Any], data: ServerData, secret: bytes)
         if num_partitions not in cuts:
             cuts[num_partitions] = partition_rows(
                 data,
-                secret,
-                config["seed"],
-                num_partitions,
-                config["partitioning"],
-                config["dirichlet-alpha"],
+                secret=secret,
+                seed=config["seed"],
+                num_partitions=num_partitions,
+                partitioning=config["partitioning"],
+                alpha=config["dirichlet-alpha"],
             )
         return {PARTITION_ROWS_KEY: cuts[num_partitions][partition_id].tolist()}
 
@@ -439,7 +428,9 @@ def run_server(grid: Grid, config: Mapping[str, Any]) -> RunRecorder:
     final = result.arrays if len(result.arrays) else initial
     recorder.save_model(final.to_torch_state_dict())
     recorder.write_messages(strategy.message_log)
-    recorder.write_federation(strategy.num_partitions, sorted(set(strategy.partition_ids.values())))
+    recorder.write_federation(
+        strategy.nodes.num_partitions, sorted(set(strategy.nodes.partition_ids.values()))
+    )
     print(
         f"\nfedqsn-flwr: {config['strategy']} finished {config['num-server-rounds']} rounds "
         f"(seed {config['seed']})\n{recorder.summary_table()}\n"

@@ -63,47 +63,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedqsn_flwr.app.brown import load_brown
-from fedqsn_flwr.app.huggingface import (
+from fedqsn_flwr.app.base import (
     CAUSAL_LM,
+    DATASETS,
+    GLUE_E2E_DATASETS,
+    GLUE_TASKS,
     IGNORE_INDEX,
-    hf_folder,
+    IMAGE_DATASETS,
+    TEXT_DATASETS,
+    InputSpec,
     is_hf,
-    load_tokenizer,
+    load_factory,
 )
-from fedqsn_flwr.app.models import InputSpec
+from fedqsn_flwr.app.brown import load_brown
+from fedqsn_flwr.app.huggingface import hf_folder, load_tokenizer
 
-IMAGE_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
-TEXT_DATASETS = ("ag-news", "sst2")
-#: GLUE tasks: hub subset -> (first text column, second text column or "", test split).
-GLUE_TASKS: dict[str, tuple[str, str, str]] = {
-    "sst2": ("sentence", "", "validation"),
-    "cola": ("sentence", "", "validation"),
-    "mrpc": ("sentence1", "sentence2", "validation"),
-    "qqp": ("question1", "question2", "validation"),
-    "mnli": ("premise", "hypothesis", "validation_matched"),
-    "qnli": ("question", "sentence", "validation"),
-    "rte": ("sentence1", "sentence2", "validation"),
-    "wnli": ("sentence1", "sentence2", "validation"),
-}
 GLUE_HUB_ID = "nyu-mll/glue"
 #: E2E NLG on the hub, and the column names accepted (hub, original CSV files).
 E2E_HUB_ID = "tuetschek/e2e_nlg"
 E2E_COLUMNS = (("meaning_representation", "human_reference"), ("mr", "ref"))
 #: Between an E2E meaning representation and its reference (" " + reference).
 E2E_SEPARATOR = " ="
-#: Data sets whose examples are token targets for a causal language model.
-LANGUAGE_MODELLING = ("e2e_nlg", "brown")
-GLUE_E2E_DATASETS = (*(f"glue/{task}" for task in GLUE_TASKS), "e2e_nlg")
-DATASETS = (
-    "digits",
-    "mnist1d",
-    *IMAGE_DATASETS,
-    *TEXT_DATASETS,
-    "text",
-    *GLUE_E2E_DATASETS,
-    "brown",
-)
 #: MNIST-1D's signals: 1 channel of 40 values, 10 classes.
 MNIST1D_LENGTH = 40
 
@@ -676,12 +656,10 @@ def generate_mnist1d(
 
 
 def _user_loader(key: DataKey) -> Any:
-    from fedqsn_flwr.app.models import load_factory
-
     try:
-        return load_factory(key.dataset)
+        return load_factory(key.dataset, "dataset")
     except ValueError as err:
-        raise DataError(str(err).replace("model", "dataset")) from err
+        raise DataError(str(err)) from err
 
 
 def is_partition_loader(key: DataKey) -> bool:

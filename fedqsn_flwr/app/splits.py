@@ -29,26 +29,27 @@ examples from the secret.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
+from fedqsn_flwr.app.base import DATASETS, PARTITIONINGS, InputSpec, Split
 from fedqsn_flwr.app.brown import IMAGINATIVE, INFORMATIVE
-from fedqsn_flwr.app.models import InputSpec
 from fedqsn_flwr.app.sources import (
-    DATASETS,
     MNIST1D_LENGTH,
     DataKey,
     RawData,
+    data_key,
     generate_mnist1d,
     is_partition_loader,
     load_raw,
     load_user_partition,
 )
-from fedqsn_flwr.core.masking import derive_seed
-from fedqsn_flwr.core.secret import secret_rng
+from fedqsn_flwr.core.secret import derive_seed, secret_rng
 from fedqsn_flwr.flower.protocol import PARTITION_ROWS_KEY
 
 __all__ = [
@@ -62,41 +63,7 @@ __all__ = [
     "partition_rows",
 ]
 
-PARTITIONINGS = ("iid", "dirichlet", "genre")
 LOCAL_EVAL_FRACTION = 0.2
-
-
-@dataclass(frozen=True)
-class Split:
-    """Examples ``x`` and integer labels ``y`` (one per example, or per token).
-
-    ``x`` holds float features, uint8 images (N, C, H, W) -- standardized per
-    channel with ``mean``/``std`` when a batch is taken, so a CIFAR-10 pool stays
-    a quarter of its float32 size in memory -- or int64 token ids (N, T).
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def subset(self, index: np.ndarray) -> Split:
-        """The rows at ``index``."""
-        rows = torch.as_tensor(index, dtype=torch.long)
-        return replace(self, x=self.x[rows], y=self.y[rows])
-
-    def inputs(self, rows: torch.Tensor | slice) -> torch.Tensor:
-        """Model inputs of ``rows``, standardized when ``x`` holds raw pixels."""
-        x = self.x[rows]
-        if self.mean is None or self.std is None:
-            return x
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape)
-        std = torch.tensor(self.std, dtype=torch.float32).view(shape)
-        return (x.to(torch.float32) / 255.0 - mean) / std
 
 
 @dataclass(frozen=True)
@@ -222,6 +189,7 @@ def _brown_server(key: DataKey, secret: bytes, test_fraction: float) -> ServerDa
 @lru_cache(maxsize=8)
 def load_server_data(
     dataset: str | DataKey,
+    *,
     seed: int,
     test_fraction: float,
     pretrain_fraction: float,
@@ -269,6 +237,7 @@ def load_server_data(
 
 def partition_rows(
     data: ServerData,
+    *,
     secret: bytes,
     seed: int,
     num_partitions: int,
@@ -392,6 +361,7 @@ def _partition_indices(
 @lru_cache(maxsize=64)
 def load_client_data(
     dataset: str | DataKey,
+    *,
     seed: int,
     partition_id: int,
     num_partitions: int,
@@ -454,3 +424,36 @@ def _given_rows(key: DataKey, rows: tuple[int, ...] | None) -> Split:
             f"'{PARTITION_ROWS_KEY}' must hold distinct row numbers in [0, {len(full)})"
         )
     return full.subset(index)
+
+
+def server_data(config: Mapping[str, Any], secret: bytes) -> ServerData:
+    """:func:`load_server_data` under a run ``config``: the server's test, pretraining and pool."""
+    return load_server_data(
+        data_key(config),
+        seed=config["seed"],
+        test_fraction=config["test-fraction"],
+        pretrain_fraction=config["pretrain-fraction"],
+        secret=secret,
+    )
+
+
+def client_data(
+    config: Mapping[str, Any],
+    partition_id: int,
+    num_partitions: int,
+    rows: Sequence[int] | None = None,
+) -> tuple[Split, Split]:
+    """:func:`load_client_data` under a run ``config``: a client's (train, local evaluation).
+
+    ``rows``: the partition's rows as the server sent them (None where the
+    client makes its own data: MNIST-1D, a partition loader).
+    """
+    return load_client_data(
+        data_key(config),
+        seed=config["seed"],
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        partitioning=config["partitioning"],
+        alpha=config["dirichlet-alpha"],
+        rows=tuple(int(r) for r in rows) if rows is not None else None,
+    )

@@ -9,19 +9,12 @@ accuracy are per scored token (perplexity is ``exp`` of that loss).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from fedqsn_flwr.app.huggingface import IGNORE_INDEX
-from fedqsn_flwr.app.splits import Split
-
-#: Values the ``optimizer`` config key accepts.
-OPTIMIZERS = ("sgd", "adamw")
-#: Values the ``device`` config key accepts.
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+from fedqsn_flwr.app.base import DEVICE_PATTERN, IGNORE_INDEX, OPTIMIZERS, Split
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,21 +80,16 @@ def train(
     learning_rate: float,
     batch_size: int,
     seed: int | torch.Generator,
-    frozen: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
     optimizer: str = "sgd",
 ) -> float:
     """Train ``model`` in place; return the mean batch loss.
 
     ``optimizer``: ``"sgd"`` (momentum 0.9) or ``"adamw"`` (weight decay 0.01,
-    as transformers are usually fine-tuned). A frozen entry's gradient is zero,
-    so neither moves it (AdamW's moments stay zero and the decay of a zero is
-    zero).
-
-    ``frozen`` maps parameter names to boolean masks of entries that must not
-    change (a proxy's hidden units: they stay exactly zero, so the client trains
-    the subnetwork it was given and nothing else). ``proximal_mu`` > 0 adds
-    FedProx's term ``mu/2 * ||w - w_received||^2`` to the loss.
+    as transformers are usually fine-tuned). A client keeps its proxy's hidden
+    units at zero with :func:`fedqsn_flwr.flower.client_helpers.freeze_hidden`
+    around this call, as any user's own training loop would. ``proximal_mu`` > 0
+    adds FedProx's term ``mu/2 * ||w - w_received||^2`` to the loss.
 
     ``seed``: an integer seeds dropout and the batch order (a client's public
     seed); a ``torch.Generator`` draws the batch order, and dropout draws from
@@ -118,13 +106,6 @@ def train(
     params = dict(model.named_parameters())
     anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu else {}
     device = model_device(model)
-    # 0/1 factors rather than masked_fill_ with the (broadcast) masks: a multiply
-    # by a dense tensor is several times cheaper per step on small layers.
-    keep = {
-        name: (~mask).to(device=device, dtype=params[name].dtype).contiguous()
-        for name, mask in (frozen or {}).items()
-        if name in params
-    }
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     step: torch.optim.Optimizer = (
@@ -145,8 +126,6 @@ def train(
                 drift = sum((params[n] - a).pow(2).sum() for n, a in anchor.items())
                 objective = loss + proximal_mu / 2 * drift
             objective.backward()
-            for name, factor in keep.items():
-                params[name].grad.mul_(factor)
             step.step()
             total += loss.item()
             batches += 1

@@ -39,7 +39,6 @@ client the union of their visible units).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -49,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from fedqsn_flwr.core.secret import derive_seed
 
 #: Visible unit indices per masked tensor name (sorted, int64).
 UnitMask = dict[str, torch.Tensor]
@@ -282,29 +283,6 @@ def policy_for_model(
         tied=travelling,
         groups=groups,
     )
-
-
-def derive_seed(purpose: str, *keys: int) -> int:
-    """A 63-bit seed for ``purpose`` from integer keys (run seed, round, node, ...).
-
-    Injective: a hash of the purpose comes first (domain separation: sampling
-    and client training never share a seed), then the number of keys, then
-    every key as exactly two 32-bit words. (numpy's ``SeedSequence`` pads short
-    entropy with zero words, which made ``(s, r, 1, 0)`` and ``(s, r, 1)``
-    collide, and splits each integer into as many words as it needs, which lets
-    ``(2**32, 5)`` and ``(0, 1 + 5 * 2**32)`` collide.) Keys are in 0..2**64-1.
-    Nothing a client must not predict may come from it: such draws use
-    generators filled from the server secret (:mod:`fedqsn_flwr.core.secret`).
-    """
-    tag = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "little")
-    words = [tag & 0xFFFFFFFF, tag >> 32, len(keys)]
-    for key in keys:
-        key = int(key)
-        if not 0 <= key < 2**64:
-            raise ValueError(f"derive_seed keys are 0..2**64-1, got {key}")
-        words += [key & 0xFFFFFFFF, key >> 32]
-    state = np.random.SeedSequence(words)
-    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def num_hidden(num_units: int, ratio: float) -> int:

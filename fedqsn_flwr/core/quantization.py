@@ -159,7 +159,8 @@ def unpack_bits(packed: torch.Tensor, bit_width: int, count: int) -> torch.Tenso
     return (bits.view(count, bit_width).long() * weights).sum(dim=1).to(torch.uint8)
 
 
-def _use_kernels(tensor: torch.Tensor, backend: str) -> bool:
+def use_kernels(tensor: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` ("auto", "numba" or "torch") runs the compiled kernels on ``tensor``."""
     from fedqsn_flwr.core import kernels
 
     if backend not in ("auto", "numba", "torch"):
@@ -182,7 +183,7 @@ def quantize_packed(
     _check_bit_width(bit_width)
     if block_size < 1:
         raise ValueError(f"block size must be >= 1, got {block_size}")
-    if not _use_kernels(values, backend):
+    if not use_kernels(values, backend):
         codes, scales = quantize(values, bit_width, block_size)
         return pack_bits(codes, bit_width), scales
     from fedqsn_flwr.core import kernels
@@ -249,7 +250,7 @@ def dequantize_packed(
     if out is not None and out.numel() != count:
         raise ValueError(f"out has {out.numel()} entries for {count} values")
     target = _kernel_output(out, count)
-    if not _use_kernels(packed, backend) or (out is not None and target is None):
+    if not use_kernels(packed, backend) or (out is not None and target is None):
         codes = unpack_bits(packed.to(torch.uint8), bit_width, count)
         values = dequantize(codes, scales.to(torch.float32), bit_width, block_size)
         if out is None:
@@ -287,7 +288,7 @@ def dequantize_into_units(
     if out is not None and tuple(out.shape) != tuple(shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
     target = _kernel_output(out, math.prod(shape))
-    if not _use_kernels(packed, backend) or (out is not None and target is None):
+    if not use_kernels(packed, backend) or (out is not None and target is None):
         values = dequantize_packed(packed, scales, bit_width, block_size, count, backend="torch")
         dense = torch.zeros(shape, dtype=torch.float32, device=packed.device)
         dense.index_copy_(axis, units.to(packed.device), values.view(slice_shape))
@@ -303,11 +304,11 @@ def dequantize_into_units(
         raise ValueError("unit indices must be strictly increasing")
     dense = kernels.dequantize_scatter(
         *kernel_inputs(packed, scales, bit_width),
-        bit_width,
-        block_size,
-        tuple(shape),
-        axis,
-        units_np,
-        target,
+        bit_width=bit_width,
+        block_size=block_size,
+        shape=tuple(shape),
+        axis=axis,
+        units=units_np,
+        out=target,
     )
     return out if out is not None else torch.from_numpy(dense).view(shape)

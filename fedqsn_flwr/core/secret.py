@@ -26,6 +26,11 @@ Where the secret comes from (:func:`resolve_secret`, first match wins):
 Whatever its source, the secret is written to the run folder (``server-secret``,
 mode 0600) so that a resumed run continues exactly, and never into a message,
 a log line or the run config.
+
+Public seeds, which clients may compute (node sampling, a client's batch order
+and dropout, the attack tool's draws), come from :func:`derive_seed` of the
+run's ``seed``: the one helper for both kinds of seed lives here, so that a
+draw's choice between them is made in one place.
 """
 
 from __future__ import annotations
@@ -196,6 +201,29 @@ def init_from_secret(model: nn.Module, secret: bytes, purpose: str = "init") -> 
             "inside `with fedqsn_flwr.torch_rng_from_secret(secret, 'init'):` instead"
         )
     return model
+
+
+def derive_seed(purpose: str, *keys: int) -> int:
+    """A 63-bit seed for ``purpose`` from integer keys (run seed, round, node, ...).
+
+    Injective: a hash of the purpose comes first (domain separation: sampling
+    and client training never share a seed), then the number of keys, then
+    every key as exactly two 32-bit words. (numpy's ``SeedSequence`` pads short
+    entropy with zero words, which made ``(s, r, 1, 0)`` and ``(s, r, 1)``
+    collide, and splits each integer into as many words as it needs, which lets
+    ``(2**32, 5)`` and ``(0, 1 + 5 * 2**32)`` collide.) Keys are in 0..2**64-1.
+    Nothing a client must not predict may come from it: such draws use
+    generators filled from the server secret (:mod:`fedqsn_flwr.core.secret`).
+    """
+    tag = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "little")
+    words = [tag & 0xFFFFFFFF, tag >> 32, len(keys)]
+    for key in keys:
+        key = int(key)
+        if not 0 <= key < 2**64:
+            raise ValueError(f"derive_seed keys are 0..2**64-1, got {key}")
+        words += [key & 0xFFFFFFFF, key >> 32]
+    state = np.random.SeedSequence(words)
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def secret_digest(secret: bytes) -> str:

@@ -71,16 +71,16 @@ import torch
 import yaml
 from flwr.app import MessageType
 
-from fedqsn_flwr.app.huggingface import CAUSAL_LM, hf_folder, is_hf
+from fedqsn_flwr.app.base import CAUSAL_LM, Split, is_hf
+from fedqsn_flwr.app.huggingface import hf_folder
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.private import private_dir, save_private, write_private
 from fedqsn_flwr.app.results import load_saved_messages, read_metrics
 from fedqsn_flwr.app.server import partition_config
-from fedqsn_flwr.app.sources import data_key, generate_mnist1d
-from fedqsn_flwr.app.splits import Split, load_client_data, load_server_data
+from fedqsn_flwr.app.sources import generate_mnist1d
+from fedqsn_flwr.app.splits import client_data, server_data
 from fedqsn_flwr.app.training import evaluate, evaluate_state, perplexity, train
-from fedqsn_flwr.core.masking import derive_seed
-from fedqsn_flwr.core.secret import SECRET_FILE
+from fedqsn_flwr.core.secret import SECRET_FILE, derive_seed
 from fedqsn_flwr.flower.privacy import to_global_units
 from fedqsn_flwr.flower.protocol import PARTITION_ROWS_KEY
 from fedqsn_flwr.flower.proxy import Proxy, received_model
@@ -559,12 +559,9 @@ def run_attacks(
             f"{run_dir} has no received/ messages; run with save-messages = true"
         )
     proxies = {key: received_model(content) for key, content in received.items()}
-    key = data_key(config)
     # the scorer's view: the server's test set (the attackers use none of it but scores)
     secret = (run_dir / SECRET_FILE).read_bytes()
-    data = load_server_data(
-        key, config["seed"], config["test-fraction"], config["pretrain-fraction"], secret
-    )
+    data = server_data(config, secret)
     metric = Metric.of(data.spec)
     model = build_model(
         config["model"], config["dropout"], spec=data.spec, pretrained=_weights(config)
@@ -578,17 +575,9 @@ def run_attacks(
     # the rows the server sent each client (the attackers hold their own data)
     rows_of = partition_config(config, data, secret) if data.pool_rows is not None else None
 
-    def client_data(partition: int) -> Split:
+    def partition_data(partition: int) -> Split:
         rows = rows_of(partition, num_partitions)[PARTITION_ROWS_KEY] if rows_of else None
-        return load_client_data(
-            key,
-            config["seed"],
-            partition,
-            num_partitions,
-            config["partitioning"],
-            config["dirichlet-alpha"],
-            tuple(rows) if rows is not None else None,
-        )[0]
+        return client_data(config, partition, num_partitions, rows)[0]
 
     results: list[dict[str, Any]] = []
     # with save_models, the weights of the best row so far: only a strictly better
@@ -639,7 +628,7 @@ def run_attacks(
     best_tuned, best_weights = -math.inf, None
     for p in attacked:
         tuned[p], weights = tune(
-            last[p].state, client_data(p), derive_seed("attack-finetune", config["seed"], p)
+            last[p].state, partition_data(p), derive_seed("attack-finetune", config["seed"], p)
         )
         if tuned[p][0] > best_tuned:  # the first best client's, as max() below picks it
             best_tuned, best_weights = tuned[p][0], weights
@@ -655,7 +644,7 @@ def run_attacks(
     )
     del best_weights, weights
 
-    pooled = _pool([client_data(p) for p in sorted(last)])
+    pooled = _pool([partition_data(p) for p in sorted(last)])
     public = build_model(
         config["model"],
         config["dropout"],

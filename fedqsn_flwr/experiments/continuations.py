@@ -31,8 +31,7 @@ from fedqsn_flwr.app.huggingface import hf_folder, load_tokenizer
 from fedqsn_flwr.app.models import build_model
 from fedqsn_flwr.app.private import write_private
 from fedqsn_flwr.app.server import pretrained_path
-from fedqsn_flwr.app.sources import data_key
-from fedqsn_flwr.app.splits import load_server_data
+from fedqsn_flwr.app.splits import server_data
 from fedqsn_flwr.core.secret import SECRET_FILE
 
 #: Openings in the style of the clients' imaginative prose (none is a corpus sentence).
@@ -108,9 +107,7 @@ def table(runs: Sequence[Path], attacks: bool) -> str:
     """The Markdown table of every model's continuations."""
     config = _config(runs[-1])
     secret = (runs[-1] / SECRET_FILE).read_bytes()
-    key = data_key(config)
-    fractions = config["test-fraction"], config["pretrain-fraction"]
-    spec = load_server_data(key, config["seed"], *fractions, secret).spec
+    spec = server_data(config, secret).spec
     model = build_model(config["model"], spec=spec, pretrained=False)
     tokenizer = load_tokenizer(str(hf_folder(config["model"])))
     models = [("start (pretrained, before federating)", start_model(runs[-1]))]

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from fedqsn_flwr.app.base import LANGUAGE_MODELLING
 from fedqsn_flwr.app.results import read_metrics
-from fedqsn_flwr.app.sources import LANGUAGE_MODELLING
 
 WHO = ("global", "server", "proxy")
 

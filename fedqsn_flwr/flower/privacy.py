@@ -19,10 +19,9 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from fedqsn_flwr.core import kernels
 from fedqsn_flwr.core.aggregation import sums_of_squares
 from fedqsn_flwr.core.masking import MaskPolicy, UnitMask, num_hidden
-from fedqsn_flwr.core.quantization import kernel_inputs
+from fedqsn_flwr.core.similarity import CodedTensor, Sums, similarity_sums
 from fedqsn_flwr.flower.proxy import PackedTensor, Proxy, unpack_tensor
 
 
@@ -46,9 +45,6 @@ def _flat(state: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
         return torch.zeros(0)
     return torch.cat([state[n].reshape(-1).to(torch.float64) for n in names])
 
-
-#: ``(a.b, a.a, |a-b|^2)`` of a proxy's tensor ``a`` and the global tensor ``b``.
-Sums = tuple[float, float, float]
 
 # Values per float64 chunk when comparing tensors: bounded temporaries for any model.
 _CHUNK = 1 << 20
@@ -82,7 +78,7 @@ class SimilarityReference:
         self._flat: dict[str, np.ndarray] = {}
         # sums of unmasked tensors' codes already measured, by name: every proxy
         # of a round carries the same codes for them (checked, not assumed)
-        self._measured: dict[str, tuple[tuple[object, ...], np.ndarray, np.ndarray, Sums]] = {}
+        self._measured: dict[str, tuple[tuple[object, ...], torch.Tensor, torch.Tensor, Sums]] = {}
 
     def __call__(
         self, proxy: Mapping[str, torch.Tensor], factors: Mapping[str, float] | None = None
@@ -113,51 +109,46 @@ class SimilarityReference:
         """As :meth:`compare`, straight from a message's packed tensors (:func:`iter_packed`).
 
         Quantized tensors are compared code by code, without decoding them into
-        dense tensors first (see :func:`fedqsn_flwr.core.kernels.similarity_sums`); the
-        figures equal those of the decoded proxy up to float64 summation order.
-        Every quantized tensor is measured in one call of the kernel; an unmasked
-        tensor whose codes equal those of a proxy measured before (every proxy of
-        a round carries the same) takes that proxy's figures.
+        dense tensors first (:func:`fedqsn_flwr.core.similarity.similarity_sums`,
+        all in one call); the figures equal those of the decoded proxy up to
+        float64 summation order. An unmasked tensor whose codes equal those of a
+        proxy measured before (every proxy of a round carries the same) takes
+        that proxy's figures.
         """
         sums: dict[str, Sums] = {}
-        batch: dict[str, kernels.SimilarityItem] = {}
-        levels = None
+        batch: dict[str, CodedTensor] = {}
         for piece in pieces:
             if piece.name not in self.squares:
                 continue
-            if piece.packed is not None and kernels.AVAILABLE:
-                assert piece.scales is not None
-                packed, scales, levels = kernel_inputs(piece.packed, piece.scales, bit_width)
-                item = kernels.SimilarityItem(
-                    packed,
-                    scales,
-                    piece.shape,
-                    piece.axis,
-                    None if piece.units is None else piece.units.numpy(),
-                    piece.unit_factor,
-                    self._flat32(piece.name),
-                )
-                before = self._measured_before(piece.name, item, bit_width, block_size)
-                if before is None:
-                    batch[piece.name] = item
-                else:
-                    sums[piece.name] = before
-            else:
+            if piece.packed is None:
                 dense = unpack_tensor(piece, bit_width, block_size)
                 sums[piece.name] = self._sums(piece.name, dense, piece.unit_factor)
-        if batch:  # every quantized tensor in one kernel call
-            assert levels is not None
-            items = list(batch.values())
-            found = kernels.many_similarity_sums(items, levels, bit_width, block_size)
-            sums.update(zip(batch, found, strict=True))
-            for (name, item), value in zip(batch.items(), found, strict=True):
-                if item.units is None:
-                    key = (item.shape, item.factor, bit_width, block_size)
-                    self._measured[name] = (key, item.packed, item.scales, value)
+                continue
+            assert piece.scales is not None
+            item = CodedTensor(
+                piece.packed,
+                piece.scales,
+                piece.shape,
+                piece.axis,
+                piece.units,
+                piece.unit_factor,
+                self._flat32(piece.name),
+            )
+            before = self._measured_before(piece.name, item, bit_width, block_size)
+            if before is None:
+                batch[piece.name] = item
+            else:
+                sums[piece.name] = before
+        found = similarity_sums(list(batch.values()), bit_width=bit_width, block_size=block_size)
+        sums.update(zip(batch, found, strict=True))
+        for (name, item), value in zip(batch.items(), found, strict=True):
+            if item.units is None:
+                key = (item.shape, item.factor, bit_width, block_size)
+                self._measured[name] = (key, item.packed, item.scales, value)
         return self._metrics(sums)
 
     def _measured_before(
-        self, name: str, item: kernels.SimilarityItem, bit_width: int, block_size: int
+        self, name: str, item: CodedTensor, bit_width: int, block_size: int
     ) -> Sums | None:
         """The sums of an unmasked tensor whose codes and scales were measured before."""
         if item.units is not None or name not in self._measured:
@@ -165,8 +156,8 @@ class SimilarityReference:
         key, packed, scales, value = self._measured[name]
         same = (
             key == (item.shape, item.factor, bit_width, block_size)
-            and np.array_equal(packed, item.packed)
-            and np.array_equal(scales, item.scales)
+            and torch.equal(packed, item.packed)
+            and torch.equal(scales, item.scales)
         )
         return value if same else None
 

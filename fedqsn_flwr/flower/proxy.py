@@ -347,6 +347,7 @@ def _dequantized(
 def proxy_layout(
     state: Mapping[str, torch.Tensor],
     policy: MaskPolicy,
+    *,
     bit_width: int | None,
     block_size: int,
     update_bit_width: int = 32,
@@ -376,6 +377,7 @@ def encode_proxy(
     state: Mapping[str, torch.Tensor],
     policy: MaskPolicy,
     visible: UnitMask,
+    *,
     bit_width: int | None,
     block_size: int,
     update_bit_width: int = 32,
@@ -415,7 +417,13 @@ def encode_proxy(
 
     """
     if layout is None:
-        layout = proxy_layout(state, policy, bit_width, block_size, update_bit_width)
+        layout = proxy_layout(
+            state,
+            policy,
+            bit_width=bit_width,
+            block_size=block_size,
+            update_bit_width=update_bit_width,
+        )
     arrays: dict[str, Array] = {}
     units: list[np.ndarray] = []
     codes: list[torch.Tensor] = []

@@ -10,10 +10,13 @@ only), metrics must hold the expected keys with finite values in range.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
+from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore import log
 
 from fedqsn_flwr.flower.protocol import (
     METRICS_RECORD,
@@ -86,7 +89,7 @@ def train_weight(message: Message, key: str, max_examples: float) -> float:
 
 
 def checked_metrics(
-    message: Message, weight_key: str, max_examples: float, train: bool
+    message: Message, *, weight_key: str, max_examples: float, train: bool
 ) -> MetricRecord:
     """The reply's metrics, every value a finite number or a list of finite numbers.
 
@@ -127,3 +130,100 @@ def reason(err: Exception) -> str:
     """One line for the log: what was wrong with a reply."""
     text = str(err).splitlines()[0] if str(err) else ""
     return text if isinstance(err, InvalidUpdate) else f"{type(err).__name__}: {text}"
+
+
+def reject(server_round: int, message: Message, why: str) -> None:
+    """Log that a reply is skipped: the round, its node and why."""
+    log(
+        WARNING,
+        "Round %d: rejected reply from node %d: %s",
+        server_round,
+        message.metadata.src_node_id,
+        why,
+    )
+
+
+def checked_arrays(
+    arrays: ArrayRecord, shapes: Mapping[str, tuple[tuple[int, ...], str]]
+) -> dict[str, np.ndarray]:
+    """The values of ``arrays``: exactly the names of ``shapes``, each its shape and dtype.
+
+    Float arrays must be finite.
+    """
+    if missing := sorted(set(shapes) - set(arrays.keys())):
+        raise InvalidUpdate(f"missing arrays {missing}")
+    if extra := sorted(set(arrays.keys()) - set(shapes)):
+        raise InvalidUpdate(f"unexpected arrays {extra}")
+    checked: dict[str, np.ndarray] = {}
+    for name, (shape, dtype) in shapes.items():
+        values = checked_array(arrays[name], name, shape, dtype)
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            raise InvalidUpdate(f"'{name}' holds NaN or Inf")
+        checked[name] = values
+    return checked
+
+
+def norm_bounded(
+    server_round: int, items: list[tuple[Message, float, float]], ratio: float
+) -> list[bool]:
+    """Which of ``(reply, update norm, reference norm)`` pass the update-norm bounds.
+
+    An update whose norm exceeds ``ratio`` times its reference (the norm of the
+    model its client was sent) fails; with at least 3 left, so does one beyond
+    ``ratio`` times their median. Every failure is logged (:func:`reject`).
+    """
+    keep = [True] * len(items)
+    if math.isinf(ratio):
+        return keep
+    for i, (message, norm, limit) in enumerate(items):
+        if not norm <= ratio * limit:
+            keep[i] = False
+            reject(
+                server_round,
+                message,
+                f"update norm {norm:.4g} is more than {ratio:g} times the norm "
+                f"{limit:.4g} of the model the client was sent",
+            )
+    left = [norm for (_, norm, _), k in zip(items, keep, strict=True) if k]
+    if len(left) < 3:
+        return keep
+    median = statistics.median(left)
+    for i, (message, norm, _) in enumerate(items):
+        if keep[i] and norm > ratio * median:
+            keep[i] = False
+            reject(
+                server_round,
+                message,
+                f"update norm {norm:.4g} is more than {ratio:g} times the round's "
+                f"median {median:.4g}",
+            )
+    return keep
+
+
+def without_failures(server_round: int, replies: list[Message]) -> list[Message]:
+    """The replies that carry no error; each failed node is logged."""
+    for message in replies:
+        if message.has_error():
+            log(
+                WARNING,
+                "Round %d: node %d failed and is skipped: %s",
+                server_round,
+                message.metadata.src_node_id,
+                message.error.reason,
+            )
+    return [m for m in replies if not m.has_error()]
+
+
+def checked_model(
+    message: Message,
+    key: str,
+    shapes: Mapping[str, tuple[tuple[int, ...], str]],
+    *,
+    metrics: MetricRecord,
+) -> RecordDict:
+    """A FedAvg reply: its arrays (record ``key``, exactly ``shapes``) and checked ``metrics``."""
+    if key not in message.content.array_records:
+        raise InvalidUpdate(f"reply has no '{key}' ArrayRecord")
+    values = checked_arrays(message.content.array_records[key], shapes)
+    arrays = ArrayRecord({k: Array(v) for k, v in values.items()})
+    return RecordDict({key: arrays, METRICS_RECORD: metrics})

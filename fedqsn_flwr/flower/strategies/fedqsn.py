@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any
@@ -32,7 +32,7 @@ from fedqsn_flwr.core.masking import (
     draw_server_mask,
 )
 from fedqsn_flwr.core.secret import new_secret, secret_digest, secret_rng
-from fedqsn_flwr.flower.privacy import ExposureTracker, SimilarityReference, unit_factors
+from fedqsn_flwr.flower.privacy import ExposureTracker
 from fedqsn_flwr.flower.protocol import (
     FEEDBACK_RECORD,
     LAYOUT_RECORD,
@@ -43,24 +43,19 @@ from fedqsn_flwr.flower.protocol import (
 from fedqsn_flwr.flower.proxy import (
     UPDATE_BIT_WIDTHS,
     InvalidUpdate,
-    PackedTensor,
     ProxySpec,
     checked_update,
     decode_feedback,
     decode_proxy,
     encode_proxy,
     hidden_units,
-    iter_packed,
     proxy_layout,
     proxy_norm,
 )
-from fedqsn_flwr.flower.replies import checked_metrics, reason
+from fedqsn_flwr.flower.replies import reason, reject
 from fedqsn_flwr.flower.strategies.fedavg import MeasuredFedAvg
-from fedqsn_flwr.flower.strategies.utils import (
-    EVALUATE,
-    TRAIN,
-    proxy_metrics,
-)
+from fedqsn_flwr.flower.strategies.monitor import PrivacyMonitor
+from fedqsn_flwr.flower.strategies.utils import EVALUATE, NOT_FINITE, TRAIN
 
 #: How masks are drawn from the secret (numpy PCG64 filled by the whole secret);
 #: a checkpoint of another scheme cannot resume under this one.
@@ -236,7 +231,12 @@ class FedQSN(MeasuredFedAvg):
         self._global: dict[str, torch.Tensor] = {}
         self._sent: dict[int, ProxySpec] = {}
         self._sent_norms: dict[int, float] = {}
-        self._exposure: ExposureTracker | None = None
+        self.monitor = PrivacyMonitor(
+            policy,
+            similarity=privacy_metrics,
+            evaluate_fn=self.proxy_evaluate_fn,
+            evaluations=proxy_evaluations,
+        )
 
     def summary(self) -> None:
         """Log the FedQSN settings and FedAvg's sampling settings."""
@@ -274,11 +274,11 @@ class FedQSN(MeasuredFedAvg):
             state,
             self.policy,
             visible,
-            self.bit_width,
-            self.block_size,
-            self.update_bit_width,
-            layout,
-            shared,
+            bit_width=self.bit_width,
+            block_size=self.block_size,
+            update_bit_width=self.update_bit_width,
+            layout=layout,
+            shared=shared,
         )
         content = RecordDict(
             {PROXY_RECORD: proxy, LAYOUT_RECORD: layout, self.configrecord_key: config}
@@ -288,15 +288,12 @@ class FedQSN(MeasuredFedAvg):
     def _layout(self, state: Mapping[str, torch.Tensor]) -> ConfigRecord:
         # The same for every client of a round; Flower's records may be shared.
         return proxy_layout(
-            state, self.policy, self.bit_width, self.block_size, self.update_bit_width
+            state,
+            self.policy,
+            bit_width=self.bit_width,
+            block_size=self.block_size,
+            update_bit_width=self.update_bit_width,
         )
-
-    def _exposed_pieces(self, arrays: ArrayRecord, layout: ConfigRecord) -> Iterator[PackedTensor]:
-        """The message's tensors, still packed, each marked exposed as it comes by."""
-        assert self._exposure is not None
-        for piece in iter_packed(arrays, layout):
-            self._exposure.add_tensor(piece.name, piece.axis, piece.units)
-            yield piece
 
     def _on_device(
         self, arrays: ArrayRecord, state: Mapping[str, torch.Tensor] | None = None
@@ -307,26 +304,16 @@ class FedQSN(MeasuredFedAvg):
     def _train_messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
     ) -> list[Message]:
+        """One proxy per node; then :attr:`monitor` measures what the messages carry."""
         self._global = arrays.to_torch_state_dict()
-        reference = (
-            SimilarityReference(self._global, list(self.policy.unit_axes))
-            if self.privacy_metrics
-            else None
-        )
         if self.hidden_feedback:
             self._prepare_feedback(config)
-        if self._exposure is None and self.privacy_metrics:
-            self._exposure = ExposureTracker(self._global, self.policy)
         state = self._on_device(arrays, self._global)
         layout = self._layout(state)
         messages: list[Message] = []
         self._sent, self._sent_norms = {}, {}
         unmasked_squares: dict[str, float] = {}
-        sims: dict[str, float] = {}
-        accuracies: list[float | Mapping[str, float]] = []
         shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unmasked codes, once
-        # One proxy at a time: only the messages (what Flower sends) pile up, not
-        # the decoded dense proxies, which are as large as the model each.
         for node_id in node_ids:
             message, self._sent[node_id] = self._proxy_message(
                 state, server_round, node_id, config, MessageType.TRAIN, TRAIN, layout, shared
@@ -339,36 +326,7 @@ class FedQSN(MeasuredFedAvg):
             )
             if self.hidden_feedback:
                 self._references[node_id] = self._reference_gradient(message)
-            if not self.privacy_metrics and self.proxy_evaluate_fn is None:
-                continue
-            # Everything below looks at what the message carries, decoded as a client would.
-            sent, layout = message.content[PROXY_RECORD], message.content[LAYOUT_RECORD]
-            scored = self.proxy_evaluate_fn is not None and (
-                not self.proxy_evaluations or len(accuracies) < self.proxy_evaluations
-            )
-            if not scored:
-                if reference is None:
-                    continue
-                # straight from the codes, one tensor at a time: the metrics of a
-                # large model's proxy need no decoded copy of it
-                found = reference.compare_packed(
-                    self._exposed_pieces(sent, layout),
-                    int(layout["bit-width"]),
-                    int(layout["block-size"]),
-                )
-            else:
-                proxy = decode_proxy(sent, layout)
-                accuracies.append(self.proxy_evaluate_fn(proxy.state))
-                if reference is None:
-                    continue
-                found = reference(proxy.state, unit_factors(proxy))
-                self._exposure.add(proxy)
-            for key, value in found.items():
-                sims[key] = sims.get(key, 0.0) + value / len(node_ids)
-        if messages and self._exposure is not None:
-            self._log_round(server_round, **sims, exposure=self._exposure.exposure)
-        if accuracies:
-            self._log_round(server_round, **proxy_metrics(accuracies))
+        self.records.add(server_round, **self.monitor.train_round(self._global, messages))
         return messages
 
     def _prepare_feedback(self, config: ConfigRecord) -> None:
@@ -437,7 +395,7 @@ class FedQSN(MeasuredFedAvg):
             self.feedback_loss_fn,
             self.feedback_tolerance,
         )
-        self._log_round(server_round, feedback_kept=kept)
+        self.records.add(server_round, feedback_kept=kept)
         if kept < 1.0:
             log(
                 INFO,
@@ -457,8 +415,8 @@ class FedQSN(MeasuredFedAvg):
         state = super().checkpoint_state()
         state["secret_digest"] = secret_digest(self.server_secret)
         state["secret_draws"] = SECRET_DRAWS
-        if self._exposure is not None:
-            state["exposure_seen"] = {n: m.clone() for n, m in self._exposure.seen.items()}
+        if self.monitor.exposure is not None:
+            state["exposure_seen"] = {n: m.clone() for n, m in self.monitor.exposure.seen.items()}
         return state
 
     def restore(
@@ -487,43 +445,30 @@ class FedQSN(MeasuredFedAvg):
             )
         super().restore(state)
         if "exposure_seen" in state and global_state is not None:
-            self._exposure = ExposureTracker(global_state, self.policy)
-            self._exposure.seen = {n: m.clone() for n, m in state["exposure_seen"].items()}
+            self.monitor.exposure = ExposureTracker(global_state, self.policy)
+            self.monitor.exposure.seen = {n: m.clone() for n, m in state["exposure_seen"].items()}
 
     @property
     def exposure_bound(self) -> float:
         """The most exposure the server mask allows (see :mod:`fedqsn_flwr.flower.privacy`)."""
-        if self._exposure is None:
+        if self.monitor.exposure is None:
             raise RuntimeError("exposure is tracked with privacy_metrics=True, once proxies go out")
-        return self._exposure.bound(self.server_mask_ratio)
+        return self.monitor.exposure.bound(self.server_mask_ratio)
 
     def _evaluate_messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
     ) -> list[Message]:
+        """One proxy per node, under evaluation client masks; their units count as exposed."""
         state = self._on_device(arrays)
         layout = self._layout(state)
-        messages = []
         shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for node_id in node_ids:
-            message, _ = self._proxy_message(
-                state,
-                server_round,
-                node_id,
-                config,
-                MessageType.EVALUATE,
-                EVALUATE,
-                layout,
-                shared,
-            )
-            messages.append(message)
-            if self._exposure is not None:
-                # evaluation proxies carry other client masks: they count as exposed too
-                # (marking them needs the units each carries, not the decoded values)
-                content = message.content
-                for _ in self._exposed_pieces(content[PROXY_RECORD], content[LAYOUT_RECORD]):
-                    pass
-        if messages and self._exposure is not None:
-            self._log_round(server_round, exposure=self._exposure.exposure)
+        messages = [
+            self._proxy_message(
+                state, server_round, n, config, MessageType.EVALUATE, EVALUATE, layout, shared
+            )[0]
+            for n in node_ids
+        ]
+        self.records.add(server_round, **self.monitor.evaluate_round(messages))
         return messages
 
     def _norm_limit(self, message: Message) -> float:
@@ -553,7 +498,7 @@ class FedQSN(MeasuredFedAvg):
         content = message.content
         if UPDATE_RECORD not in content.array_records:
             raise InvalidUpdate(f"reply has no '{UPDATE_RECORD}' ArrayRecord")
-        metrics = checked_metrics(message, self.weighted_by_key, self.max_num_examples, True)
+        metrics = self._checked_metrics(message, train=True)
         weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
         update, norm = checked_update(content.array_records[UPDATE_RECORD], spec, self.policy)
         if self.hidden_feedback:
@@ -582,10 +527,10 @@ class FedQSN(MeasuredFedAvg):
             try:
                 checked.append((message, *self._client_update(message)))
             except Exception as err:  # one bad reply is skipped, never the round
-                self._reject(server_round, message, reason(err))
+                reject(server_round, message, reason(err))
         accepted = self._without_outliers(server_round, checked)
         updates = [update for _, update in accepted]
-        self._log_round(server_round, num_aggregated=float(len(updates)))
+        self.records.add(server_round, num_aggregated=float(len(updates)))
         self._sent = {}
         if not updates:
             log(WARNING, "Round %d: no valid update; the global model is unchanged", server_round)
@@ -594,7 +539,7 @@ class FedQSN(MeasuredFedAvg):
         if self.hidden_feedback:
             state = self._with_feedback(server_round, state, accepted)
         if not all(bool(t.isfinite().all()) for t in state.values() if t.is_floating_point()):
-            self._unchanged(server_round)
+            log(WARNING, NOT_FINITE, server_round)
             return None, None
         # the metrics were checked with the update (_client_update)
         metrics = [m.content.metric_records[METRICS_RECORD] for m, _ in accepted]

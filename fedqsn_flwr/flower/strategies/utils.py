@@ -9,7 +9,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.serde import (
     config_record_to_proto,
     error_to_proto,
@@ -199,4 +207,40 @@ def shifted_result(result: Result, offset: int) -> Result:
         train_metrics_clientapp=shift(result.train_metrics_clientapp),
         evaluate_metrics_clientapp=shift(result.evaluate_metrics_clientapp),
         evaluate_metrics_serverapp=shift(result.evaluate_metrics_serverapp),
+    )
+
+
+#: The log line of a round whose aggregate is not finite.
+NOT_FINITE = "Round %d: the aggregate is not finite; the global model is unchanged"
+
+
+def in_dtypes(arrays: ArrayRecord, dtypes: Mapping[str, np.dtype]) -> ArrayRecord | None:
+    """Flower's aggregate in the global model's ``dtypes``; None if not finite.
+
+    Flower averages integer arrays (e.g. BatchNorm's batch counter) into
+    float64: they are rounded back, or every later reply would be refused for
+    its dtype.
+    """
+    out: dict[str, Array] = {}
+    for name, array in arrays.items():
+        values, dtype = array.numpy(), dtypes[name]
+        if dtype.kind in "fc" and not np.isfinite(values).all():
+            return None
+        if dtype.kind in "iub":
+            values = np.rint(values)
+        out[name] = Array(np.array(values, dtype=dtype, order="C"))
+    return ArrayRecord(out)
+
+
+def with_config(message: Message, key: str, extra: Mapping[str, Any]) -> Message:
+    """``message`` with ``extra`` in its own copy of config record ``key``."""
+    if not extra:
+        return message
+    content = RecordDict(dict(message.content.items()))
+    # records may be shared by every message of a round: a new one per message
+    content[key] = ConfigRecord({**dict(content.config_records[key]), **extra})
+    return Message(
+        content=content,
+        message_type=message.metadata.message_type,
+        dst_node_id=message.metadata.dst_node_id,
     )
