@@ -201,7 +201,7 @@ def test_feedback_moves_only_server_hidden_units_by_the_control_variate_step(bas
     moved = _server_hidden_change(strategy, start, with_feedback)
     assert all(float(d.abs().max()) > 0 for d in moved.values())
     # ... by exactly -step * direction, recomputed here from the messages
-    gradient_fn = strategy.feedback_gradient_fn
+    gradient_fn = strategy.feedback.gradient_fn
     hidden = strategy._server_hidden
     feedback, claims = [], []
     for sent, reply in zip(grid.sent[-3:], grid.replies[-3:], strict=True):
@@ -217,7 +217,7 @@ def test_feedback_moves_only_server_hidden_units_by_the_control_variate_step(bas
         feedback.append(ClientFeedback(g, ref))
         claims.append(float(reply.content[METRICS_RECORD]["num-examples"]))
     full = hidden_slices(gradient_fn(start), strategy.policy, hidden)
-    direction = feedback_direction(feedback, full, strategy.feedback_clip)
+    direction = feedback_direction(feedback, full, strategy.feedback.clip)
     config = train_config(validate({**base_config}))
     steps = config["local-epochs"] * math.ceil(sorted(claims)[1] / config["batch-size"])
     kept = strategy.round_log[1]["feedback_kept"]
@@ -269,12 +269,12 @@ def test_one_malicious_feedback_moves_hidden_units_no_further_than_the_clip(
     moved = _server_hidden_change(strategy, start, final)
     norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in moved.values()))
     # |step * direction| <= step * (|g_full| + sum_c w_c/W (clip + 1) |g_p,c|)
-    refs = list(strategy._references.values())
+    refs = list(strategy.feedback.references.values())
     ref_norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in r.values())) for r in refs]
-    full = strategy._full_gradient
+    full = strategy.feedback.full_gradient
     full_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in full.values()))
-    step = strategy.feedback_step * strategy._learning_rate * 100  # generous on local steps
-    bound = step * (full_norm + (strategy.feedback_clip + 1) * max(ref_norms))
+    step = strategy.feedback.step * strategy.feedback.learning_rate * 100  # generous on local steps
+    bound = step * (full_norm + (strategy.feedback.clip + 1) * max(ref_norms))
     assert math.isfinite(norm) and norm <= bound
 
 
@@ -312,8 +312,9 @@ def test_a_claim_of_100000_examples_moves_hidden_units_no_further_than_an_honest
     assert claimed.round_log[1]["num_aggregated"] == 3
 
     def direction(strategy):
-        feedback = [strategy._feedback[n] for n in sorted(strategy._feedback)]
-        return feedback_direction(feedback, strategy._full_gradient, strategy.feedback_clip)
+        replies = strategy.feedback.replies
+        feedback = [replies[n] for n in sorted(replies)]
+        return feedback_direction(feedback, strategy.feedback.full_gradient, strategy.feedback.clip)
 
     # the claim does not weigh in the direction: every reply counts the same ...
     honest_direction, claimed_direction = direction(honest), direction(claimed)

@@ -36,6 +36,8 @@ def is_factory_path(name: str) -> bool:
 
 #: Built-in models by name (``model``; :data:`fedqsn_flwr.app.models.MODELS` builds them).
 MODEL_NAMES = ("cnn", "mlp", "mlp512", "cnn1d", "resnet18", "transformer")
+
+
 def load_factory(path: str, what: str = "model") -> Callable[..., Any]:
     """Import ``package.module:callable`` (a user's ``what``; ValueError names what is wrong)."""
     module_name, _, attribute = path.partition(":")

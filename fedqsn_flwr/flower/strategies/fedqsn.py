@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any
@@ -14,14 +14,8 @@ from flwr.supercore import log
 
 from fedqsn_flwr.core.aggregation import ClientUpdate, apply_updates
 from fedqsn_flwr.core.feedback import (
-    ClientFeedback,
     GradientFn,
     LossFn,
-    feedback_direction,
-    guarded_feedback,
-    hidden_slices,
-    local_steps,
-    select_units,
     server_hidden,
 )
 from fedqsn_flwr.core.masking import (
@@ -34,7 +28,6 @@ from fedqsn_flwr.core.masking import (
 from fedqsn_flwr.core.secret import new_secret, secret_digest, secret_rng
 from fedqsn_flwr.flower.privacy import ExposureTracker
 from fedqsn_flwr.flower.protocol import (
-    FEEDBACK_RECORD,
     LAYOUT_RECORD,
     METRICS_RECORD,
     PROXY_RECORD,
@@ -45,15 +38,13 @@ from fedqsn_flwr.flower.proxy import (
     InvalidUpdate,
     ProxySpec,
     checked_update,
-    decode_feedback,
-    decode_proxy,
     encode_proxy,
-    hidden_units,
     proxy_layout,
     proxy_norm,
 )
 from fedqsn_flwr.flower.replies import reason, reject
 from fedqsn_flwr.flower.strategies.fedavg import MeasuredFedAvg
+from fedqsn_flwr.flower.strategies.feedback import HiddenFeedback
 from fedqsn_flwr.flower.strategies.monitor import PrivacyMonitor
 from fedqsn_flwr.flower.strategies.utils import EVALUATE, NOT_FINITE, TRAIN
 
@@ -215,19 +206,21 @@ class FedQSN(MeasuredFedAvg):
             policy, server_mask_ratio, secret_rng(self.server_secret, "server-mask")
         )
         self.hidden_feedback = hidden_feedback
-        self.feedback_gradient_fn = feedback_gradient_fn
-        self.feedback_loss_fn = feedback_loss_fn
-        if not feedback_tolerance >= 0:
-            raise ValueError(f"feedback_tolerance must be >= 0, got {feedback_tolerance}")
-        self.feedback_tolerance = feedback_tolerance
-        self.feedback_step = feedback_step
-        self.feedback_clip = feedback_clip
         self._server_hidden = server_hidden(policy, self.server_mask)
-        self._references: dict[int, dict[str, torch.Tensor]] = {}
-        self._feedback: dict[int, ClientFeedback] = {}
-        self._full_gradient: dict[str, torch.Tensor] = {}
-        self._local_steps: Callable[[list[float]], int] | None = None
-        self._learning_rate = 0.0
+        self.feedback: HiddenFeedback | None = None
+        if hidden_feedback:
+            assert feedback_gradient_fn is not None and feedback_loss_fn is not None
+            self.feedback = HiddenFeedback(
+                policy,
+                self._server_hidden,
+                gradient_fn=feedback_gradient_fn,
+                loss_fn=feedback_loss_fn,
+                tolerance=feedback_tolerance,
+                step=feedback_step,
+                clip=feedback_clip,
+            )
+        elif not feedback_tolerance >= 0:
+            raise ValueError(f"feedback_tolerance must be >= 0, got {feedback_tolerance}")
         self._global: dict[str, torch.Tensor] = {}
         self._sent: dict[int, ProxySpec] = {}
         self._sent_norms: dict[int, float] = {}
@@ -306,8 +299,8 @@ class FedQSN(MeasuredFedAvg):
     ) -> list[Message]:
         """One proxy per node; then :attr:`monitor` measures what the messages carry."""
         self._global = arrays.to_torch_state_dict()
-        if self.hidden_feedback:
-            self._prepare_feedback(config)
+        if self.feedback is not None:
+            self.feedback.prepare(config, self._global)
         state = self._on_device(arrays, self._global)
         layout = self._layout(state)
         messages: list[Message] = []
@@ -324,87 +317,10 @@ class FedQSN(MeasuredFedAvg):
             self._sent_norms[node_id] = proxy_norm(
                 message.content[PROXY_RECORD], message.content[LAYOUT_RECORD], unmasked_squares
             )
-            if self.hidden_feedback:
-                self._references[node_id] = self._reference_gradient(message)
+            if self.feedback is not None:
+                self.feedback.sent(node_id, message)
         self.records.add(server_round, **self.monitor.train_round(self._global, messages))
         return messages
-
-    def _prepare_feedback(self, config: ConfigRecord) -> None:
-        """The round's full-model gradient and step settings (hidden-unit feedback)."""
-        missing = [k for k in ("learning-rate", "local-epochs", "batch-size") if k not in config]
-        if missing:
-            raise ValueError(
-                f"hidden_feedback needs the train config to hold {missing} "
-                "(the step on hidden units is learning rate x local steps)"
-            )
-        epochs, batch = int(config["local-epochs"]), max(1, int(config["batch-size"]))
-        self._learning_rate = float(config["learning-rate"])
-        self._local_steps = lambda claims: local_steps(claims, epochs, batch)
-        assert self.feedback_gradient_fn is not None
-        gradient = self.feedback_gradient_fn(self._global)
-        self._full_gradient = hidden_slices(gradient, self.policy, self._server_hidden)
-        self._references = {}
-        self._feedback = {}
-
-    def _reference_gradient(self, message: Message) -> dict[str, torch.Tensor]:
-        """g_p: the gradient of the proxy in ``message`` on the server's own data."""
-        assert self.feedback_gradient_fn is not None
-        proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
-        gradient = self.feedback_gradient_fn(proxy.state)
-        return hidden_slices(gradient, self.policy, self._server_hidden)
-
-    def _client_feedback(
-        self, node_id: int, content: RecordDict, spec: ProxySpec
-    ) -> ClientFeedback:
-        """Validate a reply's feedback; its slices at the server-hidden units."""
-        if FEEDBACK_RECORD not in content.array_records:
-            raise InvalidUpdate(f"reply has no '{FEEDBACK_RECORD}' ArrayRecord")
-        hidden = decode_feedback(content.array_records[FEEDBACK_RECORD], spec, self.policy)
-        gradient = {}
-        for name, units in self._server_hidden.items():
-            if not units.numel():
-                continue
-            among = hidden_units(self.policy.unit_counts[name], spec.visible[name])
-            gradient[name] = select_units(hidden[name], self.policy.unit_axes[name], among, units)
-        return ClientFeedback(gradient, self._references[node_id])
-
-    def _with_feedback(
-        self,
-        server_round: int,
-        state: dict[str, torch.Tensor],
-        accepted: list[tuple[Message, ClientUpdate]],
-    ) -> dict[str, torch.Tensor]:
-        """``state`` with its server-hidden units stepped by the round's feedback.
-
-        Every reply counts the same and the step follows the low median of the
-        claimed example counts: no claim buys a reply more weight or a longer step.
-        """
-        feedback = [self._feedback[m.metadata.src_node_id] for m, _ in accepted]
-        if not feedback or self._local_steps is None:
-            return state
-        steps = self._local_steps([u.weight for _, u in accepted])
-        direction = feedback_direction(feedback, self._full_gradient, self.feedback_clip)
-        step = self.feedback_step * self._learning_rate * steps
-        assert self.feedback_loss_fn is not None
-        state, kept = guarded_feedback(
-            state,
-            self.policy,
-            self._server_hidden,
-            direction,
-            step,
-            self.feedback_loss_fn,
-            self.feedback_tolerance,
-        )
-        self.records.add(server_round, feedback_kept=kept)
-        if kept < 1.0:
-            log(
-                INFO,
-                "Round %d: hidden-unit feedback step %s (it raised the held-out server loss "
-                "by more than the tolerance)",
-                server_round,
-                f"cut to {kept:g} of its size" if kept else "dropped",
-            )
-        return state
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Adds a digest of the server secret and, with privacy metrics, the exposure.
@@ -501,8 +417,8 @@ class FedQSN(MeasuredFedAvg):
         metrics = self._checked_metrics(message, train=True)
         weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
         update, norm = checked_update(content.array_records[UPDATE_RECORD], spec, self.policy)
-        if self.hidden_feedback:
-            self._feedback[node_id] = self._client_feedback(node_id, content, spec)
+        if self.feedback is not None:
+            self.feedback.received(node_id, content, spec)
         return replace(update, weight=weight), norm
 
     def _aggregate_on_device(self, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
@@ -536,8 +452,11 @@ class FedQSN(MeasuredFedAvg):
             log(WARNING, "Round %d: no valid update; the global model is unchanged", server_round)
             return None, None
         state = self._aggregate_on_device(updates)
-        if self.hidden_feedback:
-            state = self._with_feedback(server_round, state, accepted)
+        if self.feedback is not None:
+            claims = [(m.metadata.src_node_id, u.weight) for m, u in accepted]
+            state, kept = self.feedback.apply(server_round, state, claims)
+            if kept is not None:
+                self.records.add(server_round, feedback_kept=kept)
         if not all(bool(t.isfinite().all()) for t in state.values() if t.is_floating_point()):
             log(WARNING, NOT_FINITE, server_round)
             return None, None
