@@ -952,6 +952,13 @@ def run(args: argparse.Namespace) -> list[Case]:
     cases += speed_cases(
         "4096x4096", single, _tensor_policy("weight", tensor), args.repeats, device
     )
+    if args.only == "speed":
+        torch.manual_seed(0)
+        large = BertBaseLike()
+        state, policy = large.state_dict(), policy_for_model(large)
+        return cases + speed_cases(
+            "bert-base-like", state, policy, max(2, args.repeats // 2), device
+        )
     cnn = build_model("cnn", 0.2, seed=0)
     cases += byte_cases("digits-cnn", cnn.state_dict(), policy_for_model(cnn))
     if not args.skip_large:
@@ -985,10 +992,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true", help="run the many-nodes simulation")
     parser.add_argument(
         "--only",
-        choices=["large-server", "hf"],
+        choices=["large-server", "hf", "speed"],
         help="run one group of cases: large-server = the ~100 M model's server seconds per "
         "client vs FedAvg and vs a proxy build (~5 min); hf = RoBERTa-base- and GPT-2-sized "
-        "Hugging Face models: proxy build, client decode, server seconds per client",
+        "Hugging Face models: proxy build, client decode, server seconds per client; speed = "
+        "proxy build and client unpack vs bitsandbytes on 4096x4096 and the ~100 M model",
     )
     parser.add_argument("--nodes", type=int, default=1000, help="virtual SuperNodes (--scale)")
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)

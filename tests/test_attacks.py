@@ -121,16 +121,17 @@ def test_exposure_grows_but_never_exceeds_its_bound(base_config):
     assert fedq.round_log[1]["cosine_all"] > 0.99  # 4-bit codes, no masks
 
 
+def _server_test(config):
+    """The server's test set of the digits federation (what the attacks are scored on)."""
+    return load_server_data(
+        "digits", seed=config["seed"], test_fraction=0.2, pretrain_fraction=0.1, secret=TEST_SECRET
+    ).test
+
+
 def test_finetuning_attack_improves_on_the_proxy_as_is(base_config):
     strategy, grid, _, _ = _federation(base_config, rounds=1, p1=0.5, p2=0.5, plant=False)
     proxy = _received(grid)[(1, MessageType.TRAIN, 0)]
-    test = load_server_data(
-        "digits",
-        seed=base_config["seed"],
-        test_fraction=0.2,
-        pretrain_fraction=0.1,
-        secret=TEST_SECRET,
-    ).test
+    test = _server_test(base_config)
     own = client_split("digits", base_config["seed"], 0.2, 0.1, 0, 3)[0]
     model = build_model("cnn")
     model.load_state_dict(proxy.state)
@@ -142,13 +143,7 @@ def test_finetuning_attack_improves_on_the_proxy_as_is(base_config):
 
 
 def test_patience_stops_a_learning_rate_and_the_best_state_is_kept(base_config):
-    test = load_server_data(
-        "digits",
-        seed=base_config["seed"],
-        test_fraction=0.2,
-        pretrain_fraction=0.1,
-        secret=TEST_SECRET,
-    ).test
+    test = _server_test(base_config)
     own = client_split("digits", base_config["seed"], 0.2, 0.1, 0, 3)[0]
     model = build_model("cnn", seed=0)
     start = {k: v.clone() for k, v in model.state_dict().items()}

@@ -187,7 +187,30 @@ def test_single_threaded_kernels_are_cached_apart_from_the_parallel_ones():
         (kernels._quantize_pack, kernels._quantize_pack_serial),
         (kernels._similarity_sums, kernels._similarity_sums_serial),
         (kernels._aggregate_rows, kernels._aggregate_rows_serial),
+        (kernels._code_squares, kernels._code_squares_serial),
     ]
     for parallel, serial in pairs:
         assert parallel.py_func.__qualname__ != serial.py_func.__qualname__
         assert not serial.targetoptions.get("parallel")
+
+
+@pytest.mark.parametrize("bit_width", [2, 3, 4, 8])
+@pytest.mark.parametrize("block_size", [64, 7, 1])
+@pytest.mark.parametrize("count", [1, 129, 70_001])  # odd counts; the last one parallel
+def test_code_squares_equal_the_squares_of_the_decoded_values(bit_width, block_size, count):
+    from fedqsn_flwr.core.similarity import code_squares
+
+    values = torch.randn(count, generator=torch.Generator().manual_seed(count)) * 3
+    packed, scales = quantize_packed(values, bit_width, block_size)
+    decoded = dequantize_packed(packed, scales, bit_width, block_size, count)
+    expected = float(decoded.double().pow(2).sum())
+    for backend in ("numba", "torch"):
+        found = code_squares(
+            packed,
+            scales,
+            bit_width=bit_width,
+            block_size=block_size,
+            count=count,
+            backend=backend,
+        )
+        assert found == pytest.approx(expected, rel=1e-12), backend

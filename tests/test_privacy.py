@@ -131,24 +131,40 @@ def test_hidden_units_of_the_global_model_never_move(base_config):
         )
 
 
-@pytest.mark.parametrize("bits", [4, 3, None])
-def test_logged_similarity_is_that_of_the_decoded_messages(base_config, bits):
-    """The server's figures (computed from the codes) describe what clients decode."""
-    model, strategy = _cnn_and_strategy(bits)
+@pytest.mark.parametrize(("bits", "compared"), [(4, 0), (3, 0), (None, 0), (4, 1), (4, 2)])
+def test_logged_similarity_is_that_of_the_decoded_messages(base_config, bits, compared):
+    """The server's figures (computed from the codes) describe what clients decode.
+
+    ``compared``: ``privacy_proxies``, the proxies measured per round (0: all).
+    """
+    model, strategy = _cnn_and_strategy(bits, privacy_proxies=compared)
     state = model.state_dict()
-    messages = strategy.configure_train(
-        1, ArrayRecord(state), ConfigRecord(), LocalGrid(4, base_config)
+    messages = list(
+        strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid(4, base_config))
     )
+    measured = messages[:compared] if compared else messages
     reference = SimilarityReference(state, list(strategy.policy.unit_axes))
     expected: dict[str, float] = {}
-    for message in messages:
+    for message in measured:
         proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
         for key, value in reference(to_global_units(proxy)).items():
-            expected[key] = expected.get(key, 0.0) + value / len(messages)
+            expected[key] = expected.get(key, 0.0) + value / len(measured)
     logged = strategy.round_log[1]
     assert expected["cosine_masked"] < 0.99  # masks and codes moved the proxy away
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    # exposure counts every message, measured or not
+    exposed = {n: torch.zeros_like(t, dtype=torch.bool) for n, t in state.items()}
+    for message in messages:
+        proxy = decode_proxy(message.content[PROXY_RECORD], message.content[LAYOUT_RECORD])
+        for name, axis in strategy.policy.unit_axes.items():
+            exposed[name].index_fill_(axis, proxy.visible[name], True)
+        for name in state:
+            if name not in strategy.policy.unit_axes:
+                exposed[name][...] = True
+    floats = [n for n, t in state.items() if t.is_floating_point()]
+    share = sum(int(exposed[n].sum()) for n in floats) / sum(state[n].numel() for n in floats)
+    assert logged["exposure"] == pytest.approx(share)
 
 
 def test_unmasked_codes_measured_before_are_reused_only_when_equal():

@@ -40,6 +40,7 @@ __all__ = [
     "SimilarityItem",
     "aggregate_rows",
     "block_absmax",
+    "code_squares",
     "dequantize_scatter",
     "dequantize_unpack",
     "many_scaled_squares",
@@ -439,6 +440,37 @@ if AVAILABLE:
                     total += value * value
             out[job] = total
 
+    @njit(parallel=True, cache=True, fastmath={"reassoc"}, error_model="numpy")
+    def _code_squares(
+        packed: np.ndarray,
+        scales: np.ndarray,
+        levels: np.ndarray,
+        bit_width: int,
+        block_size: int,
+        count: int,
+        out: np.ndarray,
+    ) -> None:
+        # out[block]: the sum of squares, in float64, of the block's decoded values
+        # (float32 level x scale, as the decoder computes them) without storing them
+        for block in prange(out.size):
+            start = block * block_size
+            end = min(start + block_size, count)
+            scale = scales[block]
+            total = 0.0
+            if bit_width == 4 and block_size % 2 == 0:
+                for byte in range(start >> 1, end >> 1):
+                    high = np.float64(levels[packed[byte] >> 4] * scale)
+                    low = np.float64(levels[packed[byte] & 15] * scale)
+                    total += high * high + low * low
+                if end & 1:
+                    last = np.float64(levels[packed[end >> 1] >> 4] * scale)
+                    total += last * last
+            else:
+                for i in range(start, end):
+                    value = np.float64(levels[_code(packed, bit_width, i)] * scale)
+                    total += value * value
+            out[block] = total
+
     @njit(parallel=True, cache=True, error_model="numpy")
     def _aggregate_rows(
         base: np.ndarray,
@@ -534,6 +566,7 @@ if AVAILABLE:
     _similarity_sums_serial = _serial(_similarity_sums, fastmath={"reassoc"}, error_model="numpy")
     _scaled_squares_serial = _serial(_scaled_squares, fastmath={"reassoc"}, error_model="numpy")
     _aggregate_rows_serial = _serial(_aggregate_rows, error_model="numpy")
+    _code_squares_serial = _serial(_code_squares, fastmath={"reassoc"}, error_model="numpy")
 
 #: Below this many values the kernels run on one thread.
 PARALLEL_THRESHOLD = 1 << 16
@@ -783,6 +816,27 @@ def _kernel_data(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if flat.dtype != np.float32:
         raise TypeError(f"the kernels read float32 or float16 values, not {flat.dtype}")
     return _frozen(flat), _NO_TABLE
+
+
+def code_squares(
+    packed: np.ndarray,
+    scales: np.ndarray,
+    levels: np.ndarray,
+    *,
+    bit_width: int,
+    block_size: int,
+    count: int,
+) -> float:
+    """Sum of squares, in float64, of the ``count`` values that NF-k codes decode to.
+
+    Reads the codes only (no decoded tensor): each value is computed as the
+    decoder computes it (float32 level x scale) and squared in float64, so the
+    sum equals that over the decoded tensor up to summation order.
+    """
+    out = np.empty(-(-count // block_size), dtype=np.float64)
+    kernel = _code_squares if count >= PARALLEL_THRESHOLD else _code_squares_serial
+    kernel(packed, scales, levels, bit_width, block_size, count, out)
+    return float(out.sum())
 
 
 def scaled_squares(values: np.ndarray, divisor: float = 1.0) -> float:

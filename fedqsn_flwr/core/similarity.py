@@ -120,3 +120,33 @@ def _decoded_sums(item: CodedTensor, bit_width: int, block_size: int) -> Sums:
     # elementwise products, not `@`: a BLAS call would start OpenBLAS's spinning
     # threads, which starve the numba and torch thread pools
     return float((a * b).sum()), float((a * a).sum()), float((diff * diff).sum())
+
+
+def code_squares(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    bit_width: int,
+    block_size: int,
+    count: int,
+    backend: str = "auto",
+) -> float:
+    """Sum of squares, in float64, of the ``count`` values the codes decode to.
+
+    The kernel reads the codes only; the tensor code decodes them first. Equal
+    up to float64 summation order.
+    """
+    if use_kernels(packed, backend):
+        from fedqsn_flwr.core import kernels
+
+        packed_np, scales_np, levels = kernel_inputs(packed, scales, bit_width)
+        return kernels.code_squares(
+            packed_np,
+            scales_np,
+            levels,
+            bit_width=bit_width,
+            block_size=block_size,
+            count=count,
+        )
+    values = dequantize_packed(packed, scales, bit_width, block_size, count, backend="torch")
+    return float(values.double().pow(2).sum())

@@ -58,6 +58,7 @@ from fedqsn_flwr.core.quantization import (
     packed_size,
     quantize_packed,
 )
+from fedqsn_flwr.core.similarity import code_squares
 from fedqsn_flwr.flower.protocol import (
     LAYOUT_RECORD,
     PROXY_RECORD,
@@ -633,7 +634,18 @@ def proxy_norm(
             total += unmasked[piece.name]
             continue
         divisor = piece.shape[piece.axis] / piece.units.numel() if piece.units is not None else 1.0
-        squares = sums_of_squares([received_slice(piece, bit_width, block_size)], [divisor])[0]
+        if piece.packed is not None:
+            assert piece.scales is not None
+            # from the codes: no decoded copy of the proxy, which cost about a decode
+            squares = code_squares(
+                piece.packed,
+                piece.scales,
+                bit_width=bit_width,
+                block_size=block_size,
+                count=math.prod(piece.slice_shape),
+            ) / (divisor * divisor)
+        else:
+            squares = sums_of_squares([received_slice(piece, bit_width, block_size)], [divisor])[0]
         if piece.units is None and unmasked is not None:
             unmasked[piece.name] = squares
         total += squares

@@ -89,9 +89,14 @@ class FedQSN(MeasuredFedAvg):
         Where proxies are built and updates aggregated (e.g. ``"cuda"``). The
         global model handed back to Flower is always on the CPU.
     privacy_metrics : bool (default: False)
-        Decode every proxy as its client will and log its similarity to the
-        global model and the exposure (``round_log``). Costs about one decode
-        per message on the server; this project's ServerApp switches it on.
+        Measure proxies as their clients will decode them and log their
+        similarity to the global model and the exposure (``round_log``); this
+        project's ServerApp switches it on.
+    privacy_proxies : int (default: 1)
+        With ``privacy_metrics``, how many proxies per round are compared with
+        the global model (the first ones built; 0: every proxy). Each costs
+        about one decode on the server; the proxies of a round differ only by
+        their client masks. Exposure always counts every message.
     server_secret : bytes, optional
         32 bytes no client can obtain (:mod:`fedqsn_flwr.core.secret`): the server
         mask and every client mask derive from it. Default: fresh random bytes,
@@ -151,6 +156,7 @@ class FedQSN(MeasuredFedAvg):
         update_bit_width: int = 16,
         device: str | torch.device = "cpu",
         privacy_metrics: bool = False,
+        privacy_proxies: int = 1,
         server_secret: bytes | None = None,
         hidden_feedback: bool = False,
         feedback_gradient_fn: GradientFn | None = None,
@@ -184,6 +190,8 @@ class FedQSN(MeasuredFedAvg):
             )
         if proxy_evaluations < 0:
             raise ValueError(f"proxy_evaluations must be >= 0, got {proxy_evaluations}")
+        if privacy_proxies < 0:
+            raise ValueError(f"privacy_proxies must be >= 0, got {privacy_proxies}")
         self.proxy_evaluations = proxy_evaluations
         self.update_bit_width = update_bit_width
         self.device = torch.device(device)
@@ -229,6 +237,7 @@ class FedQSN(MeasuredFedAvg):
             similarity=privacy_metrics,
             evaluate_fn=self.proxy_evaluate_fn,
             evaluations=proxy_evaluations,
+            similarities=privacy_proxies,
         )
 
     def summary(self) -> None:

@@ -34,6 +34,11 @@ class PrivacyMonitor:
         Scores decoded proxies (``proxy_<name>``, the mean over those scored).
     evaluations : int
         Proxies per round ``evaluate_fn`` scores: the first ones (0: all).
+    similarities : int
+        Proxies per round compared with the global model: the first ones (0:
+        all). The proxies of a round differ only by their client masks, and a
+        comparison costs about one decode of the proxy: one per round keeps the
+        figures and drops most of the cost. Exposure counts every message.
 
     """
 
@@ -44,11 +49,13 @@ class PrivacyMonitor:
         similarity: bool,
         evaluate_fn: StateEvaluateFn | None,
         evaluations: int,
+        similarities: int = 0,
     ) -> None:
         self.policy = policy
         self.similarity = similarity
         self.evaluate_fn = evaluate_fn
         self.evaluations = evaluations
+        self.similarities = similarities
         self.exposure: ExposureTracker | None = None
 
     def train_round(
@@ -62,32 +69,41 @@ class PrivacyMonitor:
             reference = SimilarityReference(global_state, list(self.policy.unit_axes))
             if self.exposure is None:
                 self.exposure = ExposureTracker(global_state, self.policy)
-        sims: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        measured = 0
         scores: list[float | Mapping[str, float]] = []
         for message in messages:
             sent, layout = message.content[PROXY_RECORD], message.content[LAYOUT_RECORD]
             scored = self.evaluate_fn is not None and (
                 not self.evaluations or len(scores) < self.evaluations
             )
+            compared = reference is not None and (
+                not self.similarities or measured < self.similarities
+            )
+            found: dict[str, float] = {}
             if scored:
                 assert self.evaluate_fn is not None
                 proxy = decode_proxy(sent, layout)
                 scores.append(self.evaluate_fn(proxy.state))
-                if reference is None:
-                    continue
-                found = reference(proxy.state, unit_factors(proxy))
-                assert self.exposure is not None
-                self.exposure.add(proxy)
-            elif reference is not None:
+                if reference is not None:
+                    assert self.exposure is not None
+                    self.exposure.add(proxy)
+                    if compared:
+                        found = reference(proxy.state, unit_factors(proxy))
+            elif compared:
+                assert reference is not None
                 # straight from the codes, one tensor at a time: a large model's
                 # proxy needs no decoded copy to be measured
                 found = reference.compare_packed(
                     self._exposed(message), int(layout["bit-width"]), int(layout["block-size"])
                 )
-            else:
-                continue
+            elif self.exposure is not None:
+                for _ in self._exposed(message):
+                    pass
+            measured += bool(found)
             for key, value in found.items():
-                sims[key] = sims.get(key, 0.0) + value / len(messages)
+                sums[key] = sums.get(key, 0.0) + value
+        sims = {key: value / measured for key, value in sums.items()}
         values = dict(sims)
         if self.exposure is not None:
             values["exposure"] = self.exposure.exposure
