@@ -556,7 +556,8 @@ def iter_packed(
             )
             if not _all_finite(block_scales):
                 raise ValueError(f"proxy scales of '{name}' hold NaN or Inf")
-            packed = torch.from_numpy(codes.take(packed_size(count, bit_width), name).copy())
+            # a view of the message's bytes, not a copy: everything downstream reads it
+            packed = _read_only_tensor(codes.take(packed_size(count, bit_width), name))
             yield PackedTensor(name, shape, axis, units, packed=packed, scales=block_scales)
         else:
             values = torch.from_numpy(floats.take(count, name).copy())
