@@ -135,9 +135,10 @@ class FedQSN(MeasuredFedAvg):
         ``evaluate_metrics_aggr_fn``; all honoured) and ``seed`` (of node
         sampling: public, clients may know it), ``proxy_evaluate_fn`` (called on
         every proxy decoded from its message), ``message_sink``,
-        ``node_config_fn``, ``max_num_examples``, ``max_update_norm_ratio`` (an update, in global
-        units, against the norm of the proxy its client was sent: never the
-        global model's, whose hidden part acceptance would then reveal).
+        ``node_config_fn``, ``partition_query``, ``max_num_examples``,
+        ``max_update_norm_ratio`` (an update, in global units, against the norm
+        of the proxy its client was sent: never the global model's, whose hidden
+        part acceptance would then reveal).
         ``arrayrecord_key`` is refused: FedQSN sends proxies (``"proxy"``,
         ``"proxy-layout"``) and takes back updates (``"update"``), never plain
         arrays (:mod:`fedqsn_flwr.flower.protocol`). An unknown name raises
