@@ -296,6 +296,21 @@ class MeasuredFedAvg(FedAvg):
             self.message_sink(server_round, self.nodes.partition(node_id), message)
         return messages
 
+    def _round_start(
+        self, grid: Grid, server_round: int, config: ConfigRecord, purpose: int
+    ) -> tuple[list[int], ConfigRecord]:
+        """The nodes sampled for ``purpose`` (TRAIN or EVALUATE) and the round's config."""
+        train = purpose == TRAIN
+        node_ids = self.nodes.sample(
+            grid,
+            server_round,
+            fraction=self.fraction_train if train else self.fraction_evaluate,
+            min_nodes=self.min_train_nodes if train else self.min_evaluate_nodes,
+            min_available=self.min_available_nodes,
+            purpose=purpose,
+        )
+        return node_ids, ConfigRecord({**dict(config), SERVER_ROUND_KEY: server_round})
+
     # -- Strategy API -----------------------------------------------------------
 
     def configure_train(
@@ -305,16 +320,8 @@ class MeasuredFedAvg(FedAvg):
         server_round = self.resumption.real(server_round)
         if self.fraction_train == 0.0:
             return []
-        node_ids = self.nodes.sample(
-            grid,
-            server_round,
-            fraction=self.fraction_train,
-            min_nodes=self.min_train_nodes,
-            min_available=self.min_available_nodes,
-            purpose=TRAIN,
-        )
+        node_ids, config = self._round_start(grid, server_round, config, TRAIN)
         started = time.perf_counter()
-        config = ConfigRecord({**dict(config), SERVER_ROUND_KEY: server_round})
         messages = self._outgoing(
             server_round, self._train_messages(server_round, arrays, config, node_ids)
         )
@@ -354,15 +361,7 @@ class MeasuredFedAvg(FedAvg):
         server_round = self.resumption.real(server_round)
         if self.fraction_evaluate == 0.0:
             return []
-        node_ids = self.nodes.sample(
-            grid,
-            server_round,
-            fraction=self.fraction_evaluate,
-            min_nodes=self.min_evaluate_nodes,
-            min_available=self.min_available_nodes,
-            purpose=EVALUATE,
-        )
-        config = ConfigRecord({**dict(config), SERVER_ROUND_KEY: server_round})
+        node_ids, config = self._round_start(grid, server_round, config, EVALUATE)
         return self._outgoing(
             server_round, self._evaluate_messages(server_round, arrays, config, node_ids)
         )

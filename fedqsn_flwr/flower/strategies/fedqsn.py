@@ -214,6 +214,8 @@ class FedQSN(MeasuredFedAvg):
         self.server_mask: UnitMask = draw_server_mask(
             policy, server_mask_ratio, secret_rng(self.server_secret, "server-mask")
         )
+        if not feedback_tolerance >= 0:
+            raise ValueError(f"feedback_tolerance must be >= 0, got {feedback_tolerance}")
         self.hidden_feedback = hidden_feedback
         self._server_hidden = server_hidden(policy, self.server_mask)
         self.feedback: HiddenFeedback | None = None
@@ -228,15 +230,12 @@ class FedQSN(MeasuredFedAvg):
                 step=feedback_step,
                 clip=feedback_clip,
             )
-        elif not feedback_tolerance >= 0:
-            raise ValueError(f"feedback_tolerance must be >= 0, got {feedback_tolerance}")
         self._global: dict[str, torch.Tensor] = {}
         self._sent: dict[int, ProxySpec] = {}
         self._sent_norms: dict[int, float] = {}
         self.monitor = PrivacyMonitor(
             policy,
             similarity=privacy_metrics,
-            evaluate_fn=self.proxy_evaluate_fn,
             evaluations=proxy_evaluations,
             similarities=privacy_proxies,
         )
@@ -329,7 +328,8 @@ class FedQSN(MeasuredFedAvg):
             )
             if self.feedback is not None:
                 self.feedback.sent(node_id, message)
-        self.records.add(server_round, **self.monitor.train_round(self._global, messages))
+        found = self.monitor.train_round(self._global, messages, self.proxy_evaluate_fn)
+        self.records.add(server_round, **found)
         return messages
 
     def checkpoint_state(self) -> dict[str, Any]:

@@ -65,8 +65,6 @@ class HiddenFeedback:
         step: float,
         clip: float,
     ) -> None:
-        if not tolerance >= 0:
-            raise ValueError(f"feedback_tolerance must be >= 0, got {tolerance}")
         self.policy = policy
         self.server_hidden = dict(server_hidden)
         self.gradient_fn = gradient_fn

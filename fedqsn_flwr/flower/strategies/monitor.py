@@ -30,10 +30,9 @@ class PrivacyMonitor:
         global model (in global units, averaged over the round's messages:
         ``cosine_all``, ``rel_l2_all``, ``cosine_masked``, ``rel_l2_masked``)
         and track the exposure (:class:`~fedqsn_flwr.flower.privacy.ExposureTracker`).
-    evaluate_fn : StateEvaluateFn, optional
-        Scores decoded proxies (``proxy_<name>``, the mean over those scored).
     evaluations : int
-        Proxies per round ``evaluate_fn`` scores: the first ones (0: all).
+        Proxies per round that :meth:`train_round`'s ``evaluate_fn`` scores: the
+        first ones (0: all).
     similarities : int
         Proxies per round compared with the global model: the first ones (0:
         all). The proxies of a round differ only by their client masks, and a
@@ -47,22 +46,27 @@ class PrivacyMonitor:
         policy: MaskPolicy,
         *,
         similarity: bool,
-        evaluate_fn: StateEvaluateFn | None,
         evaluations: int,
         similarities: int = 0,
     ) -> None:
         self.policy = policy
         self.similarity = similarity
-        self.evaluate_fn = evaluate_fn
         self.evaluations = evaluations
         self.similarities = similarities
         self.exposure: ExposureTracker | None = None
 
     def train_round(
-        self, global_state: Mapping[str, torch.Tensor], messages: list[Message]
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        messages: list[Message],
+        evaluate_fn: StateEvaluateFn | None = None,
     ) -> dict[str, float]:
-        """The round_log values of a round's training messages (empty: nothing measured)."""
-        if not messages or (not self.similarity and self.evaluate_fn is None):
+        """The round_log values of a round's training messages (empty: nothing measured).
+
+        ``evaluate_fn`` scores decoded proxies (``proxy_<name>``: the mean over
+        those scored).
+        """
+        if not messages or (not self.similarity and evaluate_fn is None):
             return {}
         reference = None
         if self.similarity:
@@ -74,7 +78,7 @@ class PrivacyMonitor:
         scores: list[float | Mapping[str, float]] = []
         for message in messages:
             sent, layout = message.content[PROXY_RECORD], message.content[LAYOUT_RECORD]
-            scored = self.evaluate_fn is not None and (
+            scored = evaluate_fn is not None and (
                 not self.evaluations or len(scores) < self.evaluations
             )
             compared = reference is not None and (
@@ -82,9 +86,9 @@ class PrivacyMonitor:
             )
             found: dict[str, float] = {}
             if scored:
-                assert self.evaluate_fn is not None
+                assert evaluate_fn is not None
                 proxy = decode_proxy(sent, layout)
-                scores.append(self.evaluate_fn(proxy.state))
+                scores.append(evaluate_fn(proxy.state))
                 if reference is not None:
                     assert self.exposure is not None
                     self.exposure.add(proxy)
